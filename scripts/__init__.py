@@ -1,0 +1,1 @@
+"""Python package of the bundle: losses, data, transforms, handlers and inference."""
