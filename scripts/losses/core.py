@@ -1,0 +1,482 @@
+"""Shared core of the segmentation losses: input checks, activation, target encoding, ignore mask,
+per-class overlap statistics and reductions.
+
+Every loss module in this package holds only its own formula and calls the functions below, so the
+conventions (shapes, ``ignore_index``, ``weight``, dtype) are defined once:
+
+- ``input`` is ``BNH[WD]`` (N classes); ``target`` is ``BNH[WD]`` (one-hot or soft) or, with
+  ``to_onehot_y=True``, ``B1H[WD]`` class indices, exactly as in MONAI.
+- Index targets are never expanded into a float one-hot tensor: per-class sums are gathered / scattered
+  (``overlap_stats``), which keeps 3D multi-organ batches in memory.
+- Everything is computed in float32 at least (float16/bfloat16 inputs are upcast), so half-precision
+  logits give the float32 loss instead of MONAI's overflowing sums.
+- ``ignore_index`` follows MONAI 1.6.1 (``monai.metrics.utils.create_ignore_mask``): voxels whose target
+  equals it contribute nothing to any class, gradient included.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+class LossInputError(ValueError, AssertionError):
+    """A loss got an argument or tensor it cannot use.
+
+    Derives from both ``ValueError`` and ``AssertionError`` because MONAI raises either for the same
+    mistakes (``AssertionError`` for shape mismatches), so ``except`` clauses written for MONAI still work.
+    """
+
+
+class LossTypeError(LossInputError, TypeError):
+    """An argument has the wrong type (MONAI raises ``TypeError`` for a non-callable ``other_act``)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hyperparameter validation (called from ``__init__`` so a bad config fails before training starts)
+
+
+def check_reduction(reduction: str) -> str:
+    """Return ``reduction`` as one of ``"none" | "mean" | "sum"`` (accepts MONAI's ``LossReduction``)."""
+    value = getattr(reduction, "value", reduction)
+    if value not in REDUCTIONS:
+        raise LossInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    return value
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Return ``float(value)`` if it lies in the given interval, else raise ``LossInputError``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LossInputError(f"{name} must be a real number, got {value!r}.") from None
+    above = number >= low if low_inclusive else number > low
+    below = number <= high if high_inclusive else number < high
+    if not (above and below and not math.isnan(number)):
+        interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+        raise LossInputError(f"{name} must be in {interval}, got {value!r}.")
+    return number
+
+
+def check_probability(name: str, value: float) -> float:
+    """Return ``float(value)`` if it is in ``[0, 1]``."""
+    return check_range(name, value, 0.0, 1.0)
+
+
+def check_activation(sigmoid: bool, softmax: bool, other_act: Callable | None) -> None:
+    """MONAI's rule: at most one of ``sigmoid``, ``softmax``, ``other_act``; ``other_act`` callable."""
+    if other_act is not None and not callable(other_act):
+        raise LossTypeError(f"other_act must be None or callable, got {type(other_act).__name__}.")
+    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
+        raise LossInputError(
+            "Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None], "
+            f"got sigmoid={sigmoid}, softmax={softmax}, other_act={other_act!r}."
+        )
+
+
+def check_ignore_index(ignore_index: int | None) -> int | None:
+    """``ignore_index`` is ``None`` or an integer (class index or sentinel such as 255 or -100)."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or int(ignore_index) != ignore_index:
+        raise LossInputError(f"ignore_index must be None or an integer, got {ignore_index!r}.")
+    return int(ignore_index)
+
+
+def class_weight(weight: Sequence[float] | float | torch.Tensor | None) -> torch.Tensor | None:
+    """Validate a per-class ``weight`` (scalar or 1-D, all >= 0) and return it as a float32 tensor.
+
+    Its length is checked against the number of classes at forward time by ``reduce_loss``.
+    """
+    if weight is None:
+        return None
+    try:
+        tensor = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise LossInputError(f"weight must be None, a number or a sequence of numbers, got {weight!r}.") from None
+    if tensor.ndim > 1:
+        raise LossInputError(f"weight must be a scalar or 1-D (one value per class), got shape {tuple(tensor.shape)}.")
+    if tensor.numel() == 0 or not torch.isfinite(tensor).all() or (tensor < 0).any():
+        raise LossInputError(f"weight values must be finite and no less than 0, got {weight!r}.")
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# forward-time helpers
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_input(input: torch.Tensor) -> None:
+    """``input`` must be a floating point ``BNH[WD]`` tensor."""
+    if not isinstance(input, torch.Tensor):
+        raise LossInputError(f"input must be a torch.Tensor of shape BNH[WD], got {type(input).__name__}.")
+    if input.ndim < 3:
+        raise LossInputError(f"input must have shape BNH[WD] (at least 3 dims), got shape {tuple(input.shape)}.")
+    if not input.is_floating_point():
+        raise LossInputError(f"input must be floating point logits or probabilities, got dtype {input.dtype}.")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs (gradcheck): half precision sums over a 3D volume overflow."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def activate(
+    input: torch.Tensor, sigmoid: bool = False, softmax: bool = False, other_act: Callable | None = None
+) -> torch.Tensor:
+    """Apply the activation in float32 (float64 stays float64), in MONAI's order: sigmoid, softmax, other_act.
+
+    ``softmax`` on a single channel warns and is skipped, as in MONAI.
+    """
+    check_input(input)
+    probs = input.to(compute_dtype(input.dtype))
+    if sigmoid:
+        probs = torch.sigmoid(probs)
+    if softmax:
+        if probs.shape[1] == 1:
+            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+        else:
+            probs = torch.softmax(probs, 1)
+    if other_act is not None:
+        probs = other_act(probs)
+        probs = probs.to(compute_dtype(probs.dtype))
+    return probs
+
+
+class EncodedTarget(NamedTuple):
+    """A target ready for per-class statistics, flattened over space (``N`` voxels per image).
+
+    Exactly one of ``indices`` / ``dense`` is set:
+
+    - ``indices``: ``(B, N)`` long class indices in ``[0, C)``; ignored voxels hold a valid dummy class.
+    - ``dense``: ``(B, C, N)`` one-hot or soft target in the compute dtype.
+
+    ``mask``: ``(B, N)`` bool, True where the voxel counts, or None when nothing is ignored.
+    ``mask_weight``: ``(B, N)`` float multiplier equal to ``mask`` except for soft dense targets with an
+    ``ignore_index`` naming a class, where MONAI multiplies by ``1 - target[:, ignore_index]``; None when
+    ``mask`` is None.
+    """
+
+    indices: torch.Tensor | None
+    dense: torch.Tensor | None
+    mask: torch.Tensor | None
+    mask_weight: torch.Tensor | None
+    num_classes: int
+
+
+def encode_target(
+    input: torch.Tensor, target: torch.Tensor, to_onehot_y: bool = False, ignore_index: int | None = None
+) -> EncodedTarget:
+    """Validate ``target`` against ``input`` (``BNH[WD]``) and encode it without a float one-hot copy.
+
+    Args:
+        input: ``BNH[WD]`` logits or probabilities (only its shape is used).
+        target: ``BNH[WD]`` one-hot/soft target, or ``B1H[WD]`` class indices when ``to_onehot_y=True``.
+            With a single-channel input ``to_onehot_y`` is ignored with a warning (as MONAI does).
+        to_onehot_y: whether ``target`` holds class indices.
+        ignore_index: label of voxels that contribute nothing. For index targets (or single-channel
+            targets) the voxels equal to it; for dense multi-channel targets, MONAI's rule: voxels of class
+            ``ignore_index`` if it is in ``[0, C)``, else voxels whose channels are all zero.
+
+    Raises:
+        LossInputError: shape mismatch, a channel count that fits neither one-hot nor indices, index
+            labels that are not integers in ``[0, C)`` or ``ignore_index`` (value checks are skipped while
+            ``torch.compiler.is_compiling()`` because they need a device sync).
+    """
+    check_input(input)
+    if not isinstance(target, torch.Tensor):
+        raise LossInputError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    num_classes = input.shape[1]
+    batch_spatial = (input.shape[0], *input.shape[2:])
+    if target.ndim != input.ndim or (target.shape[0], *target.shape[2:]) != batch_spatial:
+        raise LossInputError(
+            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: expected "
+            f"{(input.shape[0], num_classes, *input.shape[2:])} (one-hot) or {(input.shape[0], 1, *input.shape[2:])} "
+            "(class indices with to_onehot_y=True)."
+        )
+    use_indices = to_onehot_y and num_classes > 1
+    if to_onehot_y and num_classes == 1:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
+    expected_channels = 1 if use_indices else num_classes
+    if target.shape[1] != expected_channels:
+        hint = (
+            "set to_onehot_y=True for class-index targets"
+            if target.shape[1] == 1
+            else f"class-index targets need 1 channel, one-hot targets {num_classes}"
+        )
+        raise LossInputError(
+            f"target has {target.shape[1]} channels but input has {num_classes} "
+            f"(to_onehot_y={to_onehot_y}); expected {expected_channels}: {hint}."
+        )
+    batch = input.shape[0]
+    if use_indices:
+        return _encode_indices(target.reshape(batch, -1), num_classes, ignore_index)
+    dense = target.reshape(batch, num_classes, -1).to(compute_dtype(input.dtype))
+    mask, mask_weight = _dense_ignore_mask(dense, ignore_index)
+    return EncodedTarget(None, dense, mask, mask_weight, num_classes)
+
+
+def _encode_indices(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> EncodedTarget:
+    indices = labels.long()
+    mask = None if ignore_index is None else indices != ignore_index
+    if not _is_compiling():
+        valid = (indices >= 0) & (indices < num_classes)
+        if mask is not None:
+            valid |= ~mask
+        if labels.is_floating_point():
+            valid &= labels == indices
+        if not bool(valid.all()):
+            bad = labels[~valid]
+            raise LossInputError(
+                f"class-index target must hold integers in [0, {num_classes})"
+                + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+                + f", got {bad.numel()} voxels outside, e.g. {bad.unique()[:5].tolist()}."
+            )
+    if mask is not None:
+        # ignored voxels get class 0 so gather/scatter stay in range; the mask zeroes their contribution
+        indices = indices.masked_fill(~mask, 0)
+        return EncodedTarget(indices, None, mask, mask.to(torch.float32), num_classes)
+    return EncodedTarget(indices, None, None, None, num_classes)
+
+
+def _dense_ignore_mask(dense: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """MONAI 1.6.1 ``create_ignore_mask`` on a ``(B, C, N)`` target, returned as ``(B, N)``."""
+    if ignore_index is None:
+        return None, None
+    num_classes = dense.shape[1]
+    if num_classes == 1:
+        mask = dense[:, 0] != ignore_index
+        return mask, mask.to(dense.dtype)
+    if 0 <= ignore_index < num_classes:
+        weight = 1.0 - dense[:, ignore_index]
+        return weight > 0, weight
+    mask = dense.sum(1) > 0
+    return mask, mask.to(dense.dtype)
+
+
+def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
+    """``BNH[WD]`` -> ``(B, N, voxels)`` (a view when contiguous)."""
+    return probs.reshape(probs.shape[0], probs.shape[1], -1)
+
+
+def overlap_stats(
+    probs: torch.Tensor,
+    encoded: EncodedTarget,
+    include_background: bool = True,
+    batch: bool = False,
+    squared_pred: bool = False,
+    soft_label: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class true positives, false positives and false negatives, as MONAI's ``compute_tp_fp_fn``.
+
+    Args:
+        probs: ``BNH[WD]`` activated prediction (from ``activate``).
+        encoded: the target from ``encode_target``.
+        include_background: if False, class 0 is dropped (with a warning for a single channel, as MONAI).
+        batch: sum over the batch too, giving ``(C',)`` instead of ``(B, C')``.
+        squared_pred: use squared predictions and targets (MONAI's ``ord=2``).
+        soft_label: use the soft-label formulation (Wang et al. 2023, "Dice Semimetric Losses"):
+            ``tp = (|p| + |t| - |p - t|) / 2``, equal to ``sum p t`` for hard labels and ``p`` in [0, 1].
+
+    For index targets nothing of size ``B x C x N`` is built apart from what autograd needs: ``tp`` is a
+    scatter_add of the probability gathered at each voxel's class, the target volume a per-class count.
+    """
+    probs = flatten_probs(probs)
+    if encoded.indices is not None:
+        tp, fp, fn = _index_stats(probs, encoded, squared_pred, soft_label)
+    else:
+        tp, fp, fn = _dense_stats(probs, encoded, squared_pred, soft_label)
+    if not include_background:
+        if encoded.num_classes == 1:
+            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+        else:
+            tp, fp, fn = tp[:, 1:], fp[:, 1:], fn[:, 1:]
+    if batch:
+        tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
+    return tp, fp, fn
+
+
+def _masked_sum(values: torch.Tensor, mask_weight: torch.Tensor | None) -> torch.Tensor:
+    """``sum_n values[b, c, n] * mask[b, n]`` as a batched mat-vec (no ``B x C x N`` product is kept)."""
+    if mask_weight is None:
+        return values.sum(-1)
+    return torch.bmm(values, mask_weight.to(values.dtype).unsqueeze(-1)).squeeze(-1)
+
+
+def _index_stats(
+    probs: torch.Tensor, encoded: EncodedTarget, squared_pred: bool, soft_label: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    indices, mask_weight = encoded.indices, encoded.mask_weight
+    bins = probs.new_zeros(probs.shape[:2])
+    at_target = probs.gather(1, indices.unsqueeze(1)).squeeze(1)  # (B, N): p of each voxel's own class
+    counts = torch.ones_like(at_target) if mask_weight is None else mask_weight.to(probs.dtype)
+    target_volume = bins.scatter_add(1, indices, counts)
+    if not squared_pred and not soft_label:
+        tp = bins.scatter_add(1, indices, at_target * counts)
+        pred_volume = _masked_sum(probs, mask_weight)
+    else:
+        # norm formulation: |p - t|^k differs from |p|^k only at target voxels, so correct there
+        power = 2 if squared_pred else 1
+        pred_volume = _masked_sum(probs.abs().pow(power) if power == 2 else probs.abs(), mask_weight)
+        correction = ((at_target - 1).abs().pow(power) - at_target.abs().pow(power)) * counts
+        tp = (target_volume - bins.scatter_add(1, indices, correction)) / 2
+    return tp, pred_volume - tp, target_volume - tp
+
+
+def _dense_stats(
+    probs: torch.Tensor, encoded: EncodedTarget, squared_pred: bool, soft_label: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    target = encoded.dense
+    if encoded.mask_weight is not None:
+        # MONAI multiplies both tensors by the (B, 1, N) mask
+        weight = encoded.mask_weight.unsqueeze(1)
+        probs, target = probs * weight, target * weight
+    if not squared_pred and not soft_label:
+        tp = (probs * target).sum(-1)
+        return tp, probs.sum(-1) - tp, target.sum(-1) - tp
+    power = 2 if squared_pred else 1
+    pred_volume = probs.abs().pow(power).sum(-1)
+    target_volume = target.abs().pow(power).sum(-1)
+    tp = (pred_volume + target_volume - (probs - target).abs().pow(power).sum(-1)) / 2
+    return tp, pred_volume - tp, target_volume - tp
+
+
+def apply_class_weight(per_class: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Multiply the last (class) axis by ``weight``, as MONAI's DiceLoss: skipped for a single class."""
+    num_classes = per_class.shape[-1]
+    if weight is None or num_classes == 1:
+        return per_class
+    if weight.ndim == 1 and weight.shape[0] != num_classes:
+        raise LossInputError(
+            f"weight has {weight.shape[0]} values but the loss has {num_classes} classes "
+            "(with include_background=False the weight must not include the background class 0)."
+        )
+    return per_class * weight.to(per_class)
+
+
+def reduce_loss(
+    per_class: torch.Tensor,
+    reduction: str,
+    weight: torch.Tensor | None = None,
+    spatial_dims: int | None = None,
+) -> torch.Tensor:
+    """Weight and reduce a ``(B, C')`` (or ``(C',)`` with ``batch=True``) per-class loss.
+
+    Args:
+        per_class: the loss of each image and class.
+        reduction: ``"mean"`` (over batch and classes), ``"sum"`` or ``"none"``.
+        weight: from ``class_weight``; multiplies each class' loss (no renormalisation, as MONAI).
+        spatial_dims: for ``"none"``, append this many singleton axes (MONAI's DiceLoss returns
+            ``BN1[11]`` so the result broadcasts against the input); None keeps ``(B, C')`` (MONAI's Tversky).
+    """
+    loss = apply_class_weight(per_class, weight)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss if spatial_dims is None else loss.reshape(*loss.shape, *([1] * spatial_dims))
+    raise LossInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+def safe_pow(base: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``max(base, 0) ** exponent`` with a zero (not infinite) gradient at 0 and NaN kept as NaN.
+
+    For ``exponent < 1`` the derivative of ``x ** exponent`` is infinite at 0, which a perfect prediction
+    reaches exactly; the ``where`` routes those entries through a constant instead.
+    """
+    base = base.clamp_min(0)
+    positive = base > 0
+    powered = torch.where(positive, base, torch.ones_like(base)).pow(exponent)
+    return torch.where(positive, powered, base * 0)  # base * 0 keeps NaN (non-finite logits stay visible)
+
+
+class RegionLoss(torch.nn.Module):
+    """Base of the overlap losses (Dice, Jaccard, Tversky, Focal Tversky): holds MONAI's switches and turns
+    ``(input, target)`` into per-class ``(tp, fp, fn)``; a subclass only defines ``per_class_loss``.
+
+    Args:
+        include_background: if False, channel 0 (background) is excluded. Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices. Defaults to False.
+        sigmoid / softmax / other_act: activation applied to ``input`` (at most one). Defaults to none.
+        reduction: ``"none" | "mean" | "sum"``. Defaults to ``"mean"``.
+        smooth_nr / smooth_dr: added to numerator / denominator. Defaults to 1e-5.
+        batch: sum the statistics over the batch before dividing. Defaults to False.
+        weight: per-class weight (scalar or one value per used class). Defaults to None.
+        soft_label: soft-label formulation of the statistics. Defaults to False.
+        ignore_index: target label whose voxels contribute nothing. Defaults to None.
+    """
+
+    #: with ``reduction="none"``: MONAI's DiceLoss appends singleton spatial axes, its TverskyLoss does not
+    none_keeps_spatial_axes = False
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        soft_label: bool = False,
+        ignore_index: int | None = None,
+        squared_pred: bool = False,
+    ) -> None:
+        super().__init__()
+        check_activation(sigmoid, softmax, other_act)
+        self.include_background = bool(include_background)
+        self.to_onehot_y = bool(to_onehot_y)
+        self.sigmoid = bool(sigmoid)
+        self.softmax = bool(softmax)
+        self.other_act = other_act
+        self.reduction = check_reduction(reduction)
+        self.smooth_nr = check_range("smooth_nr", smooth_nr, 0.0)
+        self.smooth_dr = check_range("smooth_dr", smooth_dr, 0.0)
+        self.batch = bool(batch)
+        self.soft_label = bool(soft_label)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.squared_pred = bool(squared_pred)
+        self.class_weight: torch.Tensor | None
+        self.register_buffer("class_weight", class_weight(weight))
+
+    def per_class_loss(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``BNH[WD]`` logits or probabilities (N classes), any floating dtype.
+            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+
+        Returns:
+            a scalar for ``"mean"``/``"sum"``; for ``"none"`` the per-class loss ``(B, N)`` (``(N,)`` with
+            ``batch=True``), plus singleton spatial axes where MONAI adds them. Always float32 (float64
+            for float64 input).
+        """
+        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+        probs = activate(input, self.sigmoid, self.softmax, self.other_act)
+        tp, fp, fn = overlap_stats(
+            probs, encoded, self.include_background, self.batch, self.squared_pred, self.soft_label
+        )
+        spatial_dims = input.ndim - 2 if self.none_keeps_spatial_axes else None
+        return reduce_loss(self.per_class_loss(tp, fp, fn), self.reduction, self.class_weight, spatial_dims)
