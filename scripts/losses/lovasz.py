@@ -1,0 +1,296 @@
+"""Lovasz hinge and Lovasz-softmax losses, vectorised over images and classes.
+
+Berman, Rannen Triki and Blaschko, "The Lovasz-Softmax loss: A tractable surrogate for the optimization of
+the intersection-over-union measure in neural networks", CVPR 2018, https://arxiv.org/abs/1705.08790
+
+The Lovasz extension of the Jaccard loss at an error vector ``m`` is ``sum_i m_(i) g_i``: the errors sorted
+in decreasing order times the gradient ``g`` of Algorithm 1. Every (image, class) problem is one row of a
+``(G, C, N)`` tensor (``G`` = images with ``per_image=True``, else 1 group holding the whole batch) and all
+rows are sorted by a single call. Ignored voxels get the error ``-inf`` for the sort, so they come last in
+their row and the row's count of valid voxels stands in for rows of different lengths.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .core import (
+    EncodedTarget,
+    LossInputError,
+    activate,
+    apply_class_weight,
+    check_activation,
+    check_ignore_index,
+    check_reduction,
+    class_weight,
+    encode_target,
+    flatten_probs,
+)
+
+__all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_grad", "lovasz_hinge", "lovasz_softmax", "lovasz_weights"]
+
+CLASS_SELECTIONS = ("present", "all")
+
+
+def lovasz_grad(fg_sorted: torch.Tensor, valid_count: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss (Algorithm 1 of Berman et al. 2018), batched.
+
+    Args:
+        fg_sorted: ``(..., N)`` ground truth (0/1, or soft) of each voxel, ordered by decreasing error.
+            Must be 0 on padding voxels.
+        valid_count: ``(..., 1)`` (broadcastable) number of voxels that count at the start of each row; the
+            rest of the row is padding and gets gradient 0. Defaults to None (all ``N`` count).
+
+    Returns:
+        ``(..., N)`` tensor in the dtype of ``fg_sorted``.
+    """
+    fg_seen = fg_sorted.cumsum(-1)
+    seen = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=fg_sorted.dtype, device=fg_sorted.device)
+    if valid_count is not None:
+        seen = torch.minimum(seen, valid_count)  # padding adds no voxel to the set
+    fg_total = fg_seen[..., -1:]
+    # Jaccard loss of the set S of the i largest errors, |S| / |fg u S| (= 1 - |fg \ S| / |fg u S| of
+    # Algorithm 1); |fg u S| >= 1 except in a row with no valid voxel, where the clamp gives a zero gradient
+    jaccard = seen / (fg_total + seen - fg_seen).clamp_min(1)
+    return torch.diff(jaccard, dim=-1, prepend=jaccard.new_zeros(()).expand(*jaccard.shape[:-1], 1))
+
+
+def lovasz_weights(errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-voxel weights ``w`` such that ``(errors * w).sum(-1)`` is the Lovasz extension of each row.
+
+    The extension is linear in the errors once their order is fixed (eq. 9), so autograd only has to keep
+    ``w``: no sort, gather or permutation index enters the graph, and the one sort runs without gradient.
+
+    Args:
+        errors: ``(..., N)`` errors of each row.
+        fg: ``(..., N)`` ground truth, 0 at voxels that do not count.
+        valid: bool, broadcastable to ``errors``, True where a voxel counts. Defaults to None (all count).
+    """
+    with torch.no_grad():
+        key = errors.detach()
+        valid_count = None
+        if valid is not None:
+            key = key.masked_fill(~valid, -torch.inf)
+            valid_count = valid.sum(-1, keepdim=True).to(fg.dtype)
+        _, order = key.sort(dim=-1, descending=True)
+        grad = lovasz_grad(fg.gather(-1, order), valid_count)
+        return torch.empty_like(grad).scatter_(-1, order, grad)
+
+
+def lovasz_hinge(logits: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Lovasz hinge of each row (eq. 10, 11): margin errors ``1 - x s`` with signs ``s = 2 fg - 1`` on raw logits.
+
+    Args:
+        logits: ``(..., N)`` raw scores (no sigmoid: the hinge margin is defined on logits).
+        fg: ``(..., N)`` binary ground truth, 0 at voxels that do not count.
+        valid: bool, broadcastable to ``logits``, True where a voxel counts. Defaults to None.
+
+    Returns:
+        ``(...)`` loss of each row.
+    """
+    errors = 1 - logits * (2 * fg - 1)
+    return (torch.relu(errors) * lovasz_weights(errors, fg, valid)).sum(-1)
+
+
+def lovasz_softmax(probs: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Lovasz-softmax term of each row (eq. 8, 12): errors ``|fg - p|`` of one class' probabilities.
+
+    Args:
+        probs: ``(..., N)`` class probabilities.
+        fg: ``(..., N)`` ground truth of that class (one-hot or soft), 0 at voxels that do not count.
+        valid: bool, broadcastable to ``probs``, True where a voxel counts. Defaults to None.
+
+    Returns:
+        ``(...)`` loss of each row.
+    """
+    errors = (fg - probs).abs()
+    return (errors * lovasz_weights(errors, fg, valid)).sum(-1)
+
+
+def _rows(
+    scores: torch.Tensor, encoded: EncodedTarget, include_background: bool, per_image: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Lay out ``(scores, foreground, valid)`` as ``(G, C', N)`` rows, one per (group, class)."""
+    scores = flatten_probs(scores)
+    first = 0
+    if not include_background:
+        if scores.shape[1] == 1:
+            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+        else:
+            first = 1
+    scores = scores[:, first:]
+    if encoded.indices is not None:
+        classes = torch.arange(first, encoded.num_classes, device=scores.device).view(1, -1, 1)
+        fg = (encoded.indices.unsqueeze(1) == classes).to(scores.dtype)
+    else:
+        fg = encoded.dense[:, first:].to(scores.dtype)
+    valid = None if encoded.mask is None else encoded.mask.unsqueeze(1)
+    if valid is not None:
+        fg = fg * valid
+    if not per_image:
+        # one group holding every voxel of the batch, class by class
+        scores = scores.transpose(0, 1).reshape(1, scores.shape[1], -1)
+        fg = fg.transpose(0, 1).reshape(1, fg.shape[1], -1)
+        valid = None if valid is None else valid.reshape(1, 1, -1)
+    return scores, fg, valid
+
+
+def _reduce_table(
+    table: torch.Tensor, counted: torch.Tensor, reduction: str, weight: torch.Tensor | None, spatial_dims: int
+) -> torch.Tensor:
+    """Weight the ``(G, C')`` losses, keep the counted ones, then reduce.
+
+    ``"mean"`` averages the counted classes of each group (a group with none gives 0) and then the groups,
+    as Berman's ``per_image`` mean; ``"none"`` returns ``(G, C', 1, ...)`` with 0 for uncounted entries.
+    """
+    weighted = apply_class_weight(table, weight) * counted  # a product, not a mask: NaN stays visible
+    if reduction == "sum":
+        return weighted.sum()
+    if reduction == "mean":
+        return (weighted.sum(1) / counted.sum(1).clamp_min(1)).mean()
+    return weighted.reshape(*weighted.shape, *([1] * spatial_dims))
+
+
+class _LovaszLoss(torch.nn.Module):
+    """MONAI switches shared by both Lovasz losses; a subclass defines ``_table``."""
+
+    def __init__(
+        self,
+        include_background: bool,
+        to_onehot_y: bool,
+        per_image: bool,
+        reduction: str,
+        weight: Sequence[float] | float | torch.Tensor | None,
+        ignore_index: int | None,
+    ) -> None:
+        super().__init__()
+        self.include_background = bool(include_background)
+        self.to_onehot_y = bool(to_onehot_y)
+        self.per_image = bool(per_image)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.class_weight: torch.Tensor | None
+        self.register_buffer("class_weight", class_weight(weight))
+
+    def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``BNH[WD]`` logits (N classes), any floating dtype; computed in float32 (float64 kept).
+            target: ``BNH[WD]`` one-hot (or soft) target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+
+        Returns:
+            a scalar for ``"mean"``/``"sum"``; for ``"none"`` the weighted loss of each image and class
+            ``BN1[11]`` (``1N1[11]`` with ``per_image=False``), 0 where a class is not counted.
+        """
+        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+        table, counted = self._table(input, encoded)
+        return _reduce_table(table, counted.to(table.dtype), self.reduction, self.class_weight, input.ndim - 2)
+
+
+class LovaszHingeLoss(_LovaszLoss):
+    """Lovasz hinge loss (Berman et al. 2018, eq. 10-11): a convex surrogate of the Jaccard loss on raw logits,
+    each channel a binary (foreground vs rest) problem.
+
+    The input is used as logits, never passed through a sigmoid (the seed post's version applies one, which
+    squeezes the margins into (0, 1) and flattens the hinge). For each image (``per_image=True``) or the whole
+    batch and each channel, the margin errors ``1 - x s`` (``s = +1`` on foreground, ``-1`` elsewhere) are
+    sorted in decreasing order and their positive parts are weighted by the gradient of the Lovasz extension.
+    An image whose voxels are all ignored contributes 0 and still counts in the mean, as in Berman's code.
+
+    Args:
+        include_background: if False, channel 0 is excluded. Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices (channel ``c``'s foreground is label ``c``).
+            Defaults to False (``target`` is ``BNH[WD]`` binary).
+        per_image: one problem per image and channel; False pools the batch per channel. Defaults to True.
+        reduction: ``"none" | "mean" | "sum"``; ``"mean"`` averages channels and then images. Defaults to ``"mean"``.
+        weight: per-channel weight (scalar, or one value per channel used), multiplies each channel's loss
+            (no renormalisation, as MONAI's DiceLoss). Defaults to None.
+        ignore_index: target label whose voxels contribute nothing, gradient included (MONAI 1.6.1's rule for
+            one-hot targets: a class index masks that class' voxels, any other value masks all-zero voxels).
+            Defaults to None.
+
+    Example::
+
+        loss = LovaszHingeLoss(to_onehot_y=True, include_background=False)
+        value = loss(logits, labels)  # logits (B, C, H, W, D), labels (B, 1, H, W, D)
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        per_image: bool = True,
+        reduction: str = "mean",
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__(include_background, to_onehot_y, per_image, reduction, weight, ignore_index)
+
+    def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = activate(input)  # float32 (float64 kept), no activation
+        table = lovasz_hinge(*_rows(logits, encoded, self.include_background, self.per_image))
+        return table, torch.ones_like(table, dtype=torch.bool)
+
+
+class LovaszSoftmaxLoss(_LovaszLoss):
+    """Lovasz-softmax loss (Berman et al. 2018, eq. 8 and 12): the Lovasz extension of the per-class Jaccard
+    loss at the probability errors ``|fg_c - p_c|``, averaged over classes; 2D and 3D.
+
+    Args:
+        include_background: if False, class 0 is excluded from the average (the softmax still uses it).
+            Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices. Defaults to False (``BNH[WD]`` one-hot or soft).
+        softmax: apply a softmax over channels to ``input`` (the loss expects probabilities). Defaults to True,
+            unlike MONAI's region losses, because the loss is defined on softmax outputs; set False together
+            with ``other_act``, or when ``input`` already holds probabilities.
+        other_act: another activation, e.g. ``torch.sigmoid`` for one-channel input; requires
+            ``softmax=False``. Defaults to None.
+        classes: ``"present"`` averages only the classes present in the target (of each image with
+            ``per_image=True``, else of the batch), ignored voxels excluded; ``"all"`` averages every class.
+            Defaults to ``"present"``.
+        per_image: one problem per image and class, averaged per image then over images; False pools the batch
+            (Berman's default). Defaults to False.
+        reduction: ``"none" | "mean" | "sum"``. Defaults to ``"mean"``.
+        weight: per-class weight (scalar, or one value per class used), multiplies each class' loss (no
+            renormalisation, as MONAI's DiceLoss). Defaults to None.
+        ignore_index: target label whose voxels contribute nothing, gradient included. Defaults to None.
+
+    Example::
+
+        loss = LovaszSoftmaxLoss(to_onehot_y=True, ignore_index=255)
+        value = loss(logits, labels)  # logits (B, C, H, W[, D]), labels (B, 1, H, W[, D])
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        softmax: bool = True,
+        other_act: Callable | None = None,
+        classes: str = "present",
+        per_image: bool = False,
+        reduction: str = "mean",
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__(include_background, to_onehot_y, per_image, reduction, weight, ignore_index)
+        check_activation(False, softmax, other_act)
+        if classes not in CLASS_SELECTIONS:
+            raise LossInputError(f"classes must be one of {CLASS_SELECTIONS}, got {classes!r}.")
+        self.softmax = bool(softmax)
+        self.other_act = other_act
+        self.classes = classes
+
+    def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = activate(input, softmax=self.softmax, other_act=self.other_act)
+        probs, fg, valid = _rows(probs, encoded, self.include_background, self.per_image)
+        table = lovasz_softmax(probs, fg, valid)
+        if self.classes == "all":
+            return table, torch.ones_like(table, dtype=torch.bool)
+        return table, fg.sum(-1) > 0
