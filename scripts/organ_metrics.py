@@ -91,7 +91,7 @@ def _exclusive_one_hot_index(x: torch.Tensor) -> torch.Tensor | None:
     total, first, second = moments
     if not bool((total == 1).all()) or not torch.equal(second, first * first) or flat.min().item() < 0:
         return None
-    return first.round_().long()
+    return first.long()  # exact: whole numbers below 2**24 survive float32
 
 
 def _binary_mask(x: torch.Tensor, name: str, channel: int) -> torch.Tensor:
@@ -601,7 +601,8 @@ class OrganMetricsWriter:
         lines = [f"per-organ scores over {n_images} images ({self.counts.aggregation} aggregation)"]
         lines.append(f"{'organ':<{width}}  " + "  ".join(f"{m:>9}" for m in self.metrics))
         for i, organ in enumerate(self.counts.organ_names):
-            lines.append(f"{organ:<{width}}  " + "  ".join(f"{organ_scores[m][0][i].item():9.4f}" for m in self.metrics))
+            values = (organ_scores[m][0][i].item() for m in self.metrics)
+            lines.append(f"{organ:<{width}}  " + "  ".join(f"{v:9.4f}" for v in values))
         lines.append(f"{'mean':<{width}}  " + "  ".join(f"{organ_scores[m][1]:9.4f}" for m in self.metrics))
         return "\n".join(lines)
 

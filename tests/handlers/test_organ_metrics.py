@@ -94,8 +94,10 @@ def test_counts_do_not_depend_on_input_format(seed, num_classes):
     """Index, float index and one-hot inputs, in any combination and dtype, give the same counts."""
     pred, label = random_labels(seed, 1, num_classes, (6, 7))[0], random_labels(seed + 7, 1, num_classes, (6, 7))[0]
     expected = overlap_counts(pred, label, num_classes)
-    assert int(expected[:, :2].sum()) == int(expected[:, ::2].sum()) == 6 * 7  # each voxel: one TP or one FP, one TP or one FN
-    for p in (pred.int(), pred.float(), one_hot(pred[None], num_classes)[0].half(), one_hot(pred[None], num_classes)[0].bool()):
+    # every voxel is a TP or an FP of exactly one class, and a TP or an FN of exactly one class
+    assert int(expected[:, :2].sum()) == int(expected[:, ::2].sum()) == 6 * 7
+    pred_one_hot = one_hot(pred[None], num_classes)[0]
+    for p in (pred.int(), pred.float(), pred_one_hot.half(), pred_one_hot.bool()):
         for y in (label.short(), label.double(), one_hot(label[None], num_classes)[0]):
             assert torch.equal(overlap_counts(p, y, num_classes), expected)
 

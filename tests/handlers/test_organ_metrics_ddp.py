@@ -81,5 +81,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         "organ_metrics.csv",
         "organ_metrics_summary.csv",
     ]
-    with open(tmp_path / "ddp_csv" / "organ_metrics.csv") as a, open(tmp_path / "single_csv" / "organ_metrics.csv") as b:
-        assert list(csv.reader(a)) == list(csv.reader(b))
+    def rows(folder):
+        with open(tmp_path / folder / "organ_metrics.csv") as f:
+            return list(csv.reader(f))
+
+    assert rows("ddp_csv") == rows("single_csv")
