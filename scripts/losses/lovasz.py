@@ -4,10 +4,11 @@ Berman, Rannen Triki and Blaschko, "The Lovasz-Softmax loss: A tractable surroga
 the intersection-over-union measure in neural networks", CVPR 2018, https://arxiv.org/abs/1705.08790
 
 The Lovasz extension of the Jaccard loss at an error vector ``m`` is ``sum_i m_(i) g_i``: the errors sorted
-in decreasing order times the gradient ``g`` of Algorithm 1. Every (image, class) problem is one row of a
-``(G, C, N)`` tensor (``G`` = images with ``per_image=True``, else 1 group holding the whole batch) and all
-rows are sorted by a single call. Ignored voxels get the error ``-inf`` for the sort, so they come last in
-their row and the row's count of valid voxels stands in for rows of different lengths.
+in decreasing order times the gradient ``g`` of Algorithm 1. Every problem (an image and class with
+``per_image=True``, else a class over the whole batch) is one row of a single sort that runs without
+gradient; its result is scattered back as per-voxel weights, so autograd only sees ``sum(errors * weights)``.
+Ignored voxels get the error ``-inf`` for the sort, so they come last in their row and the row's count of
+valid voxels stands in for rows of different lengths.
 """
 
 from __future__ import annotations
@@ -47,95 +48,122 @@ def lovasz_grad(fg_sorted: torch.Tensor, valid_count: torch.Tensor | None = None
     Returns:
         ``(..., N)`` tensor in the dtype of ``fg_sorted``.
     """
-    fg_seen = fg_sorted.cumsum(-1)
     seen = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=fg_sorted.dtype, device=fg_sorted.device)
     if valid_count is not None:
         seen = torch.minimum(seen, valid_count)  # padding adds no voxel to the set
-    fg_total = fg_seen[..., -1:]
+    fg_seen = fg_sorted.cumsum(-1)
+    fg_total = fg_seen[..., -1:].clone()
     # Jaccard loss of the set S of the i largest errors, |S| / |fg u S| (= 1 - |fg \ S| / |fg u S| of
-    # Algorithm 1); |fg u S| >= 1 except in a row with no valid voxel, where the clamp gives a zero gradient
-    jaccard = seen / (fg_total + seen - fg_seen).clamp_min(1)
-    return torch.diff(jaccard, dim=-1, prepend=jaccard.new_zeros(()).expand(*jaccard.shape[:-1], 1))
+    # Algorithm 1); |fg u S| >= 1 except in a row with no valid voxel, where the clamp gives a zero gradient.
+    # In place: these rows are as large as the logits.
+    union = fg_seen.neg_().add_(fg_total).add_(seen).clamp_min_(1)
+    jaccard = torch.div(seen, union, out=union)
+    grad = torch.empty_like(jaccard)
+    grad[..., :1] = jaccard[..., :1]
+    torch.sub(jaccard[..., 1:], jaccard[..., :-1], out=grad[..., 1:])
+    return grad
 
 
-def lovasz_weights(errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-voxel weights ``w`` such that ``(errors * w).sum(-1)`` is the Lovasz extension of each row.
+def _pool_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, C, N)`` -> ``(1, C, B N)``: one row per class over every voxel of the batch."""
+    return tensor.transpose(0, 1).reshape(1, tensor.shape[1], -1)
+
+
+def lovasz_weights(
+    errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = True
+) -> torch.Tensor:
+    """Per-voxel weights ``w`` such that ``errors * w`` summed over a problem is its Lovasz extension.
 
     The extension is linear in the errors once their order is fixed (eq. 9), so autograd only has to keep
-    ``w``: no sort, gather or permutation index enters the graph, and the one sort runs without gradient.
+    ``w``: no sort, gather, permutation or batch-pooling copy enters the graph, and the single sort of all
+    problems runs without gradient.
 
     Args:
-        errors: ``(..., N)`` errors of each row.
-        fg: ``(..., N)`` ground truth, 0 at voxels that do not count.
-        valid: bool, broadcastable to ``errors``, True where a voxel counts. Defaults to None (all count).
+        errors: ``(B, C, N)`` errors of each image and class.
+        fg: ``(B, C, N)`` ground truth, 0 at voxels that do not count.
+        valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None (all count).
+        per_image: one problem per image and class; False pools each class over the batch. Defaults to True.
+
+    Returns:
+        ``(B, C, N)`` weights (a view when ``per_image=False``).
     """
     with torch.no_grad():
         key = errors.detach()
         valid_count = None
         if valid is not None:
-            key = key.masked_fill(~valid, -torch.inf)
-            valid_count = valid.sum(-1, keepdim=True).to(fg.dtype)
-        _, order = key.sort(dim=-1, descending=True)
-        grad = lovasz_grad(fg.gather(-1, order), valid_count)
-        return torch.empty_like(grad).scatter_(-1, order, grad)
+            key = key.masked_fill(~valid, -torch.inf)  # sorts last in descending order
+            valid_count = valid.sum(-1, keepdim=True) if per_image else valid.sum().view(1, 1, 1)
+            valid_count = valid_count.to(fg.dtype)
+        if not per_image:
+            key, fg = _pool_batch(key), _pool_batch(fg)
+        sorted_key, order = key.sort(dim=-1, descending=True)
+        weights = sorted_key.scatter_(-1, order, lovasz_grad(fg.gather(-1, order), valid_count))
+        if per_image:
+            return weights
+        return weights.view(errors.shape[1], errors.shape[0], -1).transpose(0, 1)
 
 
-def lovasz_hinge(logits: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Lovasz hinge of each row (eq. 10, 11): margin errors ``1 - x s`` with signs ``s = 2 fg - 1`` on raw logits.
+def _problem_sum(values: torch.Tensor, per_image: bool) -> torch.Tensor:
+    """Sum ``(B, C, N)`` over each problem: ``(B, C)``, or ``(1, C)`` when the batch is pooled."""
+    return values.sum(-1) if per_image else values.sum((0, -1)).unsqueeze(0)
+
+
+def lovasz_hinge(
+    logits: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = True
+) -> torch.Tensor:
+    """Lovasz hinge (eq. 10, 11): margin errors ``1 - x s`` with signs ``s = 2 fg - 1`` on raw logits.
 
     Args:
-        logits: ``(..., N)`` raw scores (no sigmoid: the hinge margin is defined on logits).
-        fg: ``(..., N)`` binary ground truth, 0 at voxels that do not count.
-        valid: bool, broadcastable to ``logits``, True where a voxel counts. Defaults to None.
+        logits: ``(B, C, N)`` raw scores (no sigmoid: the hinge margin is defined on logits).
+        fg: ``(B, C, N)`` binary ground truth, 0 at voxels that do not count.
+        valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None.
+        per_image: one problem per image and channel, else per channel over the batch. Defaults to True.
 
     Returns:
-        ``(...)`` loss of each row.
+        ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
     """
     errors = 1 - logits * (2 * fg - 1)
-    return (torch.relu(errors) * lovasz_weights(errors, fg, valid)).sum(-1)
+    return _problem_sum(torch.relu(errors) * lovasz_weights(errors, fg, valid, per_image), per_image)
 
 
-def lovasz_softmax(probs: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Lovasz-softmax term of each row (eq. 8, 12): errors ``|fg - p|`` of one class' probabilities.
+def lovasz_softmax(
+    probs: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = True
+) -> torch.Tensor:
+    """Lovasz-softmax terms (eq. 8, 12): errors ``|fg_c - p_c|`` of each class' probabilities.
 
     Args:
-        probs: ``(..., N)`` class probabilities.
-        fg: ``(..., N)`` ground truth of that class (one-hot or soft), 0 at voxels that do not count.
-        valid: bool, broadcastable to ``probs``, True where a voxel counts. Defaults to None.
+        probs: ``(B, C, N)`` class probabilities.
+        fg: ``(B, C, N)`` ground truth (one-hot or soft), 0 at voxels that do not count.
+        valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None.
+        per_image: one problem per image and class, else per class over the batch. Defaults to True.
 
     Returns:
-        ``(...)`` loss of each row.
+        ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
     """
     errors = (fg - probs).abs()
-    return (errors * lovasz_weights(errors, fg, valid)).sum(-1)
+    return _problem_sum(errors * lovasz_weights(errors, fg, valid, per_image), per_image)
 
 
-def _rows(
-    scores: torch.Tensor, encoded: EncodedTarget, include_background: bool, per_image: bool
+def _problems(
+    scores: torch.Tensor, encoded: EncodedTarget, include_background: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Lay out ``(scores, foreground, valid)`` as ``(G, C', N)`` rows, one per (group, class)."""
+    """``(scores, foreground, valid)`` as ``(B, C', N)``, ``(B, C', N)`` and ``(B, 1, N)`` (or None)."""
     scores = flatten_probs(scores)
     first = 0
     if not include_background:
         if scores.shape[1] == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
         else:
             first = 1
-    scores = scores[:, first:]
+    valid = None if encoded.mask is None else encoded.mask.unsqueeze(1)
     if encoded.indices is not None:
         classes = torch.arange(first, encoded.num_classes, device=scores.device).view(1, -1, 1)
-        fg = (encoded.indices.unsqueeze(1) == classes).to(scores.dtype)
+        fg = encoded.indices.unsqueeze(1) == classes
+        fg = (fg if valid is None else fg & valid).to(scores.dtype)
     else:
         fg = encoded.dense[:, first:].to(scores.dtype)
-    valid = None if encoded.mask is None else encoded.mask.unsqueeze(1)
-    if valid is not None:
-        fg = fg * valid
-    if not per_image:
-        # one group holding every voxel of the batch, class by class
-        scores = scores.transpose(0, 1).reshape(1, scores.shape[1], -1)
-        fg = fg.transpose(0, 1).reshape(1, fg.shape[1], -1)
-        valid = None if valid is None else valid.reshape(1, 1, -1)
-    return scores, fg, valid
+        fg = fg if valid is None else fg * valid
+    return scores[:, first:], fg, valid
 
 
 def _reduce_table(
@@ -234,7 +262,7 @@ class LovaszHingeLoss(_LovaszLoss):
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         logits = activate(input)  # float32 (float64 kept), no activation
-        table = lovasz_hinge(*_rows(logits, encoded, self.include_background, self.per_image))
+        table = lovasz_hinge(*_problems(logits, encoded, self.include_background), self.per_image)
         return table, torch.ones_like(table, dtype=torch.bool)
 
 
@@ -289,8 +317,8 @@ class LovaszSoftmaxLoss(_LovaszLoss):
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         probs = activate(input, softmax=self.softmax, other_act=self.other_act)
-        probs, fg, valid = _rows(probs, encoded, self.include_background, self.per_image)
-        table = lovasz_softmax(probs, fg, valid)
+        probs, fg, valid = _problems(probs, encoded, self.include_background)
+        table = lovasz_softmax(probs, fg, valid, self.per_image)
         if self.classes == "all":
             return table, torch.ones_like(table, dtype=torch.bool)
-        return table, fg.sum(-1) > 0
+        return table, _problem_sum(fg, self.per_image) > 0
