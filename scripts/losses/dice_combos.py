@@ -1,0 +1,313 @@
+"""Dice + cross-entropy (``DiceCELoss``, alias ``DiceBCELoss``) and Dice + focal (``DiceFocalLoss``), equal to
+``monai.losses.DiceCELoss`` / ``monai.losses.DiceFocalLoss`` 1.6.1, with our own ``DiceLoss`` and ``FocalLoss``
+underneath (float32, no one-hot copy of index targets) and ``ignore_index`` on both terms."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .core import (
+    EncodedTarget,
+    LossInputError,
+    check_ignore_index,
+    check_probability,
+    check_range,
+    check_reduction,
+    class_weight,
+    compute_dtype,
+    encode_target,
+    flatten_probs,
+)
+from .dice import DiceLoss
+from .focal import FocalLoss
+
+
+def _mean_over(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count``, 0 (not NaN) when nothing counts, so an all-ignored batch has a zero gradient."""
+    return total / count.clamp_min(torch.finfo(torch.float32).eps)
+
+
+def cross_entropy_term(
+    logits: torch.Tensor,
+    encoded: EncodedTarget,
+    labels: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    ignore_index: int | None,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    """Softmax cross-entropy of ``(B, C, N)`` logits as ``torch.nn.CrossEntropyLoss`` (what MONAI's DiceCE uses),
+    with voxels that do not count removed from the sum and from the mean's denominator.
+
+    Index targets go to ``F.cross_entropy`` as ``(B, N)`` labels (``ignore_index`` and the weighted mean
+    ``sum w_y l / sum w_y`` are torch's); one-hot / soft targets use probability targets, whose mean is over
+    voxels. Returns a scalar, or ``(B, 1, N)`` for ``"none"``.
+    """
+    if labels is not None:
+        ignore = -100 if ignore_index is None else ignore_index
+        per_voxel = F.cross_entropy(logits, labels, weight, ignore_index=ignore, reduction="none", label_smoothing=label_smoothing)
+        counts = torch.ones_like(per_voxel) if weight is None else weight[encoded.indices]
+        if encoded.mask is not None:
+            counts = counts * encoded.mask
+    else:
+        per_voxel = F.cross_entropy(logits, encoded.dense, weight, reduction="none", label_smoothing=label_smoothing)
+        counts = torch.ones_like(per_voxel) if encoded.mask_weight is None else encoded.mask_weight
+        per_voxel = per_voxel * counts
+    if reduction == "none":
+        return per_voxel.unsqueeze(1)
+    if reduction == "sum":
+        return per_voxel.sum()
+    return _mean_over(per_voxel.sum(), counts.sum())
+
+
+def binary_cross_entropy_term(
+    logits: torch.Tensor, encoded: EncodedTarget, pos_weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """``torch.nn.BCEWithLogitsLoss(pos_weight=weight)`` on a single channel (what MONAI's DiceCE uses), voxels
+    that do not count removed. Returns a scalar, or ``(B, 1, N)`` for ``"none"``."""
+    per_voxel = F.binary_cross_entropy_with_logits(logits, encoded.dense, reduction="none", pos_weight=pos_weight)
+    if encoded.mask_weight is not None:
+        per_voxel = per_voxel * encoded.mask_weight.unsqueeze(1)
+    if reduction == "none":
+        return per_voxel
+    if reduction == "sum":
+        return per_voxel.sum()
+    if encoded.mask_weight is None:
+        return per_voxel.mean()
+    return _mean_over(per_voxel.sum(), encoded.mask_weight.sum())
+
+
+def _dice_weight(weight: torch.Tensor | None, include_background: bool) -> torch.Tensor | None:
+    """MONAI's DiceCE gives the Dice term ``weight[1:]`` without background (the CE always sees every class)."""
+    if weight is None or include_background or weight.ndim == 0:
+        return weight
+    # a single value cannot lose its background entry: only a one-channel input (whose Dice ignores weight) fits
+    return weight[1:] if weight.numel() > 1 else None
+
+
+class DiceCELoss(torch.nn.Module):
+    """Weighted sum of the Dice loss and the cross-entropy, equal to ``monai.losses.DiceCELoss`` 1.6.1:
+
+        L = lambda_dice * Dice + lambda_ce * CE
+
+    The Dice term is our ``DiceLoss`` (with the activation switches); the CE term always takes the raw logits:
+    softmax cross-entropy (``torch.nn.CrossEntropyLoss``) over all N channels when N > 1, binary cross-entropy
+    with logits (``torch.nn.BCEWithLogitsLoss``) when N = 1, as MONAI (so ``sigmoid=True`` with N > 1 still
+    uses the softmax CE). Both are computed in float32 without a one-hot copy of index targets.
+
+    ``input`` is ``BNH[WD]`` logits; ``target`` ``BNH[WD]`` (one-hot or soft; the CE then uses probability
+    targets) or ``B1H[WD]`` class indices with ``to_onehot_y=True``.
+
+    References:
+        Milletari, F. et al. (2016) V-Net. 3DV 2016. https://arxiv.org/abs/1606.04797
+
+        Isensee, F. et al. (2021) nnU-Net. Nature Methods 18 (Dice + CE as the default segmentation loss).
+
+    Args:
+        include_background: if False, the Dice term drops channel 0 (the CE always uses every channel).
+            Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices. Defaults to False.
+        sigmoid, softmax, other_act: activation of the Dice term only (at most one). Defaults to none.
+        squared_pred: squared terms in the Dice denominator. Defaults to False.
+        jaccard: Jaccard (soft IoU) instead of Dice. Defaults to False.
+        reduction: ``"mean"`` or ``"sum"`` (MONAI's); ``"none"`` (ours) returns the per-class Dice ``BN'1[11]``
+            broadcast against the per-voxel CE ``B1H[WD]``, i.e. ``BN'H[WD]``, whose mean is the ``"mean"`` loss
+            when nothing is weighted or ignored. Defaults to ``"mean"``.
+        smooth_nr, smooth_dr: Dice smoothing terms. Defaults to 1e-5.
+        batch: sum the Dice statistics over the batch. Defaults to False.
+        weight: one value >= 0 per channel, *including* the background: the CE class weight (``pos_weight``
+            of the BCE for one channel) and the Dice weight (``weight[1:]`` without background), as MONAI.
+            A number weighs every class alike. Defaults to None.
+        lambda_dice: weight of the Dice term, >= 0. Defaults to 1.0.
+        lambda_ce: weight of the cross-entropy term, >= 0. Defaults to 1.0.
+        label_smoothing: in [0, 1], for the softmax CE (MONAI's BCE ignores it; a warning says so). Defaults to 0.0.
+        ignore_index: voxels whose target equals it contribute to neither term, gradient included (the CE
+            mean is over the voxels that count, as ``CrossEntropyLoss(ignore_index=...)``). Defaults to None.
+
+    Raises:
+        LossInputError: (a ``ValueError``) for negative lambdas, label_smoothing outside [0, 1], a bad reduction
+            or weight, mismatched shapes or labels outside ``[0, N)``.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.class_weight: torch.Tensor | None
+        self.register_buffer("class_weight", class_weight(weight))
+        self.dice = DiceLoss(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            weight=_dice_weight(self.class_weight, include_background),
+            ignore_index=ignore_index,
+        )
+        self.to_onehot_y = bool(to_onehot_y)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.lambda_dice = check_range("lambda_dice", lambda_dice, 0.0)
+        self.lambda_ce = check_range("lambda_ce", lambda_ce, 0.0)
+        self.label_smoothing = check_probability("label_smoothing", label_smoothing)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``BNH[WD]`` logits, any floating dtype.
+            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+        """
+        # for reduction="none" the per-class Dice BN'1[11] broadcasts against the per-voxel CE B1H[WD]
+        return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.cross_entropy(input, target)
+
+    def cross_entropy(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The CE term alone (softmax CE for N > 1 channels, BCE for one), reduced as ``reduction``."""
+        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+        logits = flatten_probs(input.to(compute_dtype(input.dtype)))
+        num_classes = logits.shape[1]
+        weight = self.class_weight
+        if weight is not None:
+            if weight.ndim == 1 and weight.numel() != num_classes:
+                raise LossInputError(
+                    f"weight has {weight.numel()} values but the input has {num_classes} channel(s): DiceCELoss "
+                    "takes one value per channel including the background (the Dice term drops it itself)."
+                )
+            weight = weight.to(logits).expand(num_classes)
+        if num_classes == 1:
+            if self.label_smoothing > 0:
+                warnings.warn("label_smoothing is not applied to the single-channel BCE term (as MONAI).", stacklevel=2)
+            loss = binary_cross_entropy_term(logits, encoded, weight, self.reduction)
+        else:
+            labels = None if encoded.indices is None else target.reshape(target.shape[0], -1).long()
+            loss = cross_entropy_term(
+                logits, encoded, labels, weight, self.ignore_index, self.label_smoothing, self.reduction
+            )
+        return loss.reshape(loss.shape[0], 1, *input.shape[2:]) if self.reduction == "none" else loss
+
+
+DiceBCELoss = DiceCELoss
+
+
+class DiceFocalLoss(torch.nn.Module):
+    """Weighted sum of the Dice loss and the focal loss, equal to ``monai.losses.DiceFocalLoss`` 1.6.1:
+
+        L = lambda_dice * Dice + lambda_focal * Focal
+
+    The Dice term is our ``DiceLoss`` (with the activation switches), the focal term our ``FocalLoss`` on the raw
+    logits (sigmoid per channel as MONAI; ``use_softmax=True`` is our addition). Both see ``include_background``,
+    ``weight``, ``reduction`` and ``ignore_index``. With ``reduction="none"`` the per-class Dice ``BN'1[11]``
+    broadcasts against the focal ``BN'H[WD]``, as MONAI.
+
+    ``input`` is ``BNH[WD]`` logits; ``target`` ``BNH[WD]`` or ``B1H[WD]`` class indices with ``to_onehot_y=True``.
+
+    References:
+        Zhu, W. et al. (2019) AnatomyNet. Medical Physics 46(2). https://arxiv.org/abs/1808.05238
+
+        Lin, T.-Y. et al. (2017) Focal Loss for Dense Object Detection. ICCV 2017.
+
+    Args:
+        include_background: if False, channel 0 is dropped from both terms. Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices. Defaults to False.
+        sigmoid, softmax, other_act: activation of the Dice term only (at most one). Defaults to none.
+        squared_pred: squared terms in the Dice denominator. Defaults to False.
+        jaccard: Jaccard (soft IoU) instead of Dice. Defaults to False.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``, applied to each term. Defaults to ``"mean"``.
+        smooth_nr, smooth_dr: Dice smoothing terms. Defaults to 1e-5.
+        batch: sum the Dice statistics over the batch. Defaults to False.
+        gamma: focal exponent, >= 0. Defaults to 2.0.
+        weight: per-class weight of both terms: a number or one value per channel used. Defaults to None.
+        lambda_dice: weight of the Dice term, >= 0. Defaults to 1.0.
+        lambda_focal: weight of the focal term, >= 0. Defaults to 1.0.
+        alpha: focal balance factor in [0, 1] (number or one per channel used). Defaults to None.
+        use_softmax: softmax focal loss instead of sigmoid (not in MONAI's DiceFocal). Defaults to False.
+        ignore_index: voxels whose target equals it contribute to neither term (each term's MONAI 1.6.1
+            semantics). Defaults to None.
+
+    Raises:
+        LossInputError: (a ``ValueError``) for negative lambdas or gamma, alpha outside [0, 1], a bad reduction or
+            weight, mismatched shapes or labels outside ``[0, N)``.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        gamma: float = 2.0,
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        lambda_dice: float = 1.0,
+        lambda_focal: float = 1.0,
+        alpha: float | Sequence[float] | None = None,
+        use_softmax: bool = False,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.dice = DiceLoss(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+        )
+        self.focal = FocalLoss(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            gamma=gamma,
+            alpha=alpha,
+            weight=weight,
+            reduction=reduction,
+            use_softmax=use_softmax,
+            ignore_index=ignore_index,
+        )
+        self.lambda_dice = check_range("lambda_dice", lambda_dice, 0.0)
+        self.lambda_focal = check_range("lambda_focal", lambda_focal, 0.0)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``BNH[WD]`` logits, any floating dtype.
+            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+        """
+        return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)
