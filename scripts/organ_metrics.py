@@ -172,7 +172,9 @@ def overlap_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int) ->
 # Scores
 
 
-def overlap_scores(counts: torch.Tensor, metric: str = "dice", ignore_empty: bool = True) -> torch.Tensor:
+def overlap_scores(
+    counts: torch.Tensor, metric: str = "dice", ignore_empty: bool = True, penalize_false_positives: bool = False
+) -> torch.Tensor:
     """
     Overlap score of every class from ``[tp, fp, fn]`` counts, in float64.
 
@@ -181,13 +183,17 @@ def overlap_scores(counts: torch.Tensor, metric: str = "dice", ignore_empty: boo
 
     Empty classes follow MONAI's ``DiceMetric``/``MeanIoU``: with ``ignore_empty=True`` a class absent from the
     ground truth scores NaN (and is left out of every mean), whatever was predicted; with ``ignore_empty=False``
-    it scores 1 when also absent from the prediction and 0 otherwise. Precision of a class never predicted is
-    0/0 and scores NaN.
+    it scores 1 when also absent from the prediction and 0 otherwise. Any other 0/0 (precision of a class never
+    predicted) scores NaN.
 
     Args:
         counts: integer tensor of shape ``(..., C, 3)``.
         metric: one of ``"dice"``, ``"iou"``, ``"precision"``, ``"recall"``. Defaults to ``"dice"``.
         ignore_empty: see above. Defaults to ``True``.
+        penalize_false_positives: with ``ignore_empty=True``, exclude only classes absent from both ground truth
+            and prediction; a class predicted where the ground truth has none then scores 0 (dice, iou,
+            precision) instead of being skipped, so hallucinated organs lower the means. Defaults to ``False``
+            (MONAI's behaviour).
 
     Returns:
         float64 tensor of shape ``(..., C)``.
@@ -202,12 +208,13 @@ def overlap_scores(counts: torch.Tensor, metric: str = "dice", ignore_empty: boo
         "recall": (tp, tp + fn),
     }[metric]
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=counts.device)
+    scores = torch.where(denominator > 0, numerator / denominator.clamp(min=1), nan)
     empty_label = (tp + fn) == 0
-    if ignore_empty:
-        scores = torch.where(denominator > 0, numerator / denominator.clamp(min=1), nan)
-        return torch.where(empty_label, nan, scores)
-    # empty label and empty prediction: a perfect answer (dice = iou = 1), as MONAI's ignore_empty=False
-    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.where(empty_label, 1.0, nan))
+    if not ignore_empty:
+        # empty label and empty prediction: a perfect answer (dice = iou = 1), as MONAI's ignore_empty=False
+        return torch.where(empty_label & (fp == 0), 1.0, scores)
+    excluded = empty_label & (fp == 0) if penalize_false_positives else empty_label
+    return torch.where(excluded, nan, scores)
 
 
 def reduce_scores(scores: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -342,6 +349,9 @@ class OrganCounts:
             ``"global"`` (pool the voxels of all images, then score).
         ignore_empty: MONAI's ``ignore_empty``: a class absent from an image's ground truth is left out of the
             means for that image. Defaults to ``True``.
+        penalize_false_positives: see ``overlap_scores``; with ``True`` only organs absent from both ground
+            truth and prediction are left out, and an organ predicted where there is none scores 0.
+            Defaults to ``False`` (MONAI's behaviour).
         output_transform: maps ``engine.state.output`` to ``(pred, label)``, each a ``BC[spatial]`` tensor or a
             list of ``C[spatial]`` tensors. Defaults to reading ``"pred"`` and ``"label"`` from MONAI's output.
         image_key: batch key whose metadata ``filename_or_obj`` names each image in the CSV. Defaults to
@@ -355,6 +365,7 @@ class OrganCounts:
         include_background: bool = True,
         aggregation: str = "per_image",
         ignore_empty: bool = True,
+        penalize_false_positives: bool = False,
         output_transform: Callable[[Any], Any] = _default_output_transform,
         image_key: str = "image",
     ) -> None:
@@ -376,6 +387,7 @@ class OrganCounts:
             raise ValueError(f"organ names must stay distinct as metric keys, got {self.organ_keys}.")
         self.aggregation = aggregation
         self.ignore_empty = ignore_empty
+        self.penalize_false_positives = penalize_false_positives
         self.output_transform = output_transform
         self.image_key = image_key
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -462,7 +474,7 @@ class OrganCounts:
             total, n_images = self.total_counts()
             if n_images == 0:
                 raise NotComputableError("OrganCounts: no image was counted before computing scores.")
-            per_organ = overlap_scores(total[self.first_class :], metric, self.ignore_empty)
+            per_organ = self._scores(total[self.first_class :], metric)
             return per_organ, _nan_mean(per_organ)
         scores = self.image_scores(metric)
         if len(scores) == 0:
@@ -472,7 +484,10 @@ class OrganCounts:
     def image_scores(self, metric: str = "dice") -> torch.Tensor:
         """Scores ``(N, C')`` of every image of all ranks, NaN where a class is excluded."""
         counts, _ = self.image_counts()
-        return overlap_scores(counts[:, self.first_class :], metric, self.ignore_empty)
+        return self._scores(counts[:, self.first_class :], metric)
+
+    def _scores(self, counts: torch.Tensor, metric: str) -> torch.Tensor:
+        return overlap_scores(counts, metric, self.ignore_empty, self.penalize_false_positives)
 
 
 # ----------------------------------------------------------------------------------------------------------------

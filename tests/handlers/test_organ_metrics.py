@@ -160,6 +160,11 @@ def test_organ_missing_from_label_is_excluded_or_penalised():
     assert per_organ.tolist() == [1.0, 1.0, 0.0] and mean == pytest.approx(2 / 3)
     per_organ, _ = scores_of(label, label, "dice", ignore_empty=False)  # absent from both: a perfect 1
     assert per_organ.tolist() == [1.0, 1.0, 1.0]
+    # penalize_false_positives: the false kidney scores 0, an organ absent from both stays excluded
+    per_organ, mean = scores_of(pred, label, "dice", penalize_false_positives=True)
+    assert per_organ.tolist() == [1.0, 1.0, 0.0] and mean == pytest.approx(2 / 3)
+    per_organ, mean = scores_of(label, label, "iou", penalize_false_positives=True)
+    assert per_organ[:2].tolist() == [1.0, 1.0] and math.isnan(per_organ[2]) and mean == 1.0
 
 
 def test_empty_image_has_no_valid_organ():
