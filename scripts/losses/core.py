@@ -275,6 +275,132 @@ def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
     return probs.reshape(probs.shape[0], probs.shape[1], -1)
 
 
+# Voxels per chunk in the fused path: bounds its temporaries to about 4 MB whatever the volume.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _voxel_chunks(num_voxels: int, rows: int) -> list[tuple[int, int]]:
+    size = max(1024, _CHUNK_ELEMENTS // max(rows, 1) // 1024 * 1024)
+    return [(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
+
+
+def _activate_chunk(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    # a voxel slice is strided over the classes; CPU softmax is several times slower on such a view
+    probs = logits.to(compute_dtype(logits.dtype)).contiguous()
+    if activation == "softmax":
+        return torch.softmax(probs, 1)
+    if activation == "sigmoid":
+        return torch.sigmoid(probs)
+    return probs
+
+
+class _FusedIndexOverlap(torch.autograd.Function):
+    """``(sum_n m p^k, sum_n m p[target])`` per image and class from logits and index targets.
+
+    Neither the probabilities nor their gradient are kept at full size: both passes walk the volume in
+    chunks and the backward recomputes the activation, so the only full-size tensor is the logits'
+    gradient itself (MONAI keeps probabilities, a one-hot target and several products alive).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, indices, mask_weight, activation, power):
+        batch, classes, num_voxels = logits.shape
+        dtype = compute_dtype(logits.dtype)
+        pred_volume = logits.new_zeros((batch, classes), dtype=dtype)
+        tp = logits.new_zeros((batch, classes), dtype=dtype)
+        for start, stop in _voxel_chunks(num_voxels, batch * classes):
+            probs = _activate_chunk(logits[:, :, start:stop], activation)
+            chunk_indices = indices[:, start:stop].contiguous()
+            at_target = probs.gather(1, chunk_indices.unsqueeze(1)).squeeze(1)
+            powered = probs.square() if power == 2 else probs
+            if mask_weight is None:
+                pred_volume += powered.sum(-1)
+            else:
+                chunk_weight = mask_weight[:, start:stop].to(dtype)
+                pred_volume += torch.bmm(powered, chunk_weight.unsqueeze(-1)).squeeze(-1)
+                at_target = at_target * chunk_weight
+            tp.scatter_add_(1, chunk_indices, at_target)
+        ctx.save_for_backward(logits, indices, mask_weight)
+        ctx.activation, ctx.power = activation, power
+        return pred_volume, tp
+
+    @staticmethod
+    def backward(ctx, grad_pred_volume, grad_tp):
+        logits, indices, mask_weight = ctx.saved_tensors
+        batch, classes, num_voxels = logits.shape
+        grad = torch.empty_like(logits)
+        for start, stop in _voxel_chunks(num_voxels, batch * classes):
+            probs = _activate_chunk(logits[:, :, start:stop], ctx.activation)
+            chunk_indices = indices[:, start:stop].unsqueeze(1).contiguous()
+            # d loss / d p: the volume term everywhere, plus the tp term at each voxel's own class
+            if ctx.power == 2:
+                grad_probs = probs * (2 * grad_pred_volume).unsqueeze(-1)
+            else:
+                grad_probs = grad_pred_volume.unsqueeze(-1).expand_as(probs).clone()
+            grad_probs.scatter_add_(1, chunk_indices, grad_tp.unsqueeze(-1).expand_as(probs).gather(1, chunk_indices))
+            if mask_weight is not None:
+                grad_probs *= mask_weight[:, start:stop].unsqueeze(1).to(probs.dtype)
+            if ctx.activation == "softmax":
+                grad_probs -= (probs * grad_probs).sum(1, keepdim=True)
+                grad_probs *= probs
+            elif ctx.activation == "sigmoid":
+                grad_probs *= probs * (1 - probs)
+            grad[:, :, start:stop] = grad_probs
+        return grad, None, None, None, None
+
+
+def activated_overlap_stats(
+    input: torch.Tensor,
+    encoded: EncodedTarget,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    include_background: bool = True,
+    batch: bool = False,
+    squared_pred: bool = False,
+    soft_label: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``activate`` then ``overlap_stats``, fused for index targets so that no full-size probability
+    tensor is kept (the memory-light path of the region losses); same arguments and results.
+    """
+    if softmax and input.shape[1] == 1:
+        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+        softmax = False
+    activation = "softmax" if softmax else "sigmoid" if sigmoid else "none"
+    # with probabilities in [0, 1] and hard labels the soft-label formulation equals the product one;
+    # for squared_pred it does for any value, since (p - 1)^2 - p^2 = 1 - 2p
+    fusable = encoded.indices is not None and other_act is None
+    if fusable and (squared_pred or not soft_label or activation != "none"):
+        check_input(input)
+        logits = flatten_probs(input)
+        pred_volume, tp = _FusedIndexOverlap.apply(
+            logits, encoded.indices, encoded.mask_weight, activation, 2 if squared_pred else 1
+        )
+        weights = None if encoded.mask_weight is None else encoded.mask_weight.to(tp.dtype)
+        target_volume = _class_counts(encoded.indices, weights, encoded.num_classes, tp.dtype)
+        return _finish_stats(tp, pred_volume - tp, target_volume - tp, encoded, include_background, batch)
+    probs = activate(input, sigmoid, softmax, other_act)
+    return overlap_stats(probs, encoded, include_background, batch, squared_pred, soft_label)
+
+
+def _class_counts(indices: torch.Tensor, weights: torch.Tensor | None, num_classes: int, dtype) -> torch.Tensor:
+    """``(B, C)`` number (or mask-weighted sum) of voxels of each class: the target volume of an index target."""
+    bins = torch.zeros((indices.shape[0], num_classes), dtype=dtype, device=indices.device)
+    counts = torch.ones(indices.shape, dtype=dtype, device=indices.device) if weights is None else weights
+    return bins.scatter_add(1, indices, counts)
+
+
+def _finish_stats(tp, fp, fn, encoded: EncodedTarget, include_background: bool, batch: bool):
+    if not include_background:
+        if encoded.num_classes == 1:
+            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        else:
+            tp, fp, fn = tp[:, 1:], fp[:, 1:], fn[:, 1:]
+    if batch:
+        tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
+    return tp, fp, fn
+
+
 def overlap_stats(
     probs: torch.Tensor,
     encoded: EncodedTarget,
@@ -302,14 +428,7 @@ def overlap_stats(
         tp, fp, fn = _index_stats(probs, encoded, squared_pred, soft_label)
     else:
         tp, fp, fn = _dense_stats(probs, encoded, squared_pred, soft_label)
-    if not include_background:
-        if encoded.num_classes == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
-        else:
-            tp, fp, fn = tp[:, 1:], fp[:, 1:], fn[:, 1:]
-    if batch:
-        tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
-    return tp, fp, fn
+    return _finish_stats(tp, fp, fn, encoded, include_background, batch)
 
 
 def _masked_sum(values: torch.Tensor, mask_weight: torch.Tensor | None) -> torch.Tensor:
@@ -326,7 +445,7 @@ def _index_stats(
     bins = probs.new_zeros(probs.shape[:2])
     at_target = probs.gather(1, indices.unsqueeze(1)).squeeze(1)  # (B, N): p of each voxel's own class
     counts = torch.ones_like(at_target) if mask_weight is None else mask_weight.to(probs.dtype)
-    target_volume = bins.scatter_add(1, indices, counts)
+    target_volume = _class_counts(indices, counts, encoded.num_classes, probs.dtype)
     if not squared_pred and not soft_label:
         tp = bins.scatter_add(1, indices, at_target * counts)
         pred_volume = _masked_sum(probs, mask_weight)
@@ -474,9 +593,16 @@ class RegionLoss(torch.nn.Module):
             for float64 input).
         """
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
-        probs = activate(input, self.sigmoid, self.softmax, self.other_act)
-        tp, fp, fn = overlap_stats(
-            probs, encoded, self.include_background, self.batch, self.squared_pred, self.soft_label
+        tp, fp, fn = activated_overlap_stats(
+            input,
+            encoded,
+            self.sigmoid,
+            self.softmax,
+            self.other_act,
+            self.include_background,
+            self.batch,
+            self.squared_pred,
+            self.soft_label,
         )
         spatial_dims = input.ndim - 2 if self.none_keeps_spatial_axes else None
         return reduce_loss(self.per_class_loss(tp, fp, fn), self.reduction, self.class_weight, spatial_dims)
