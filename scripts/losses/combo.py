@@ -1,0 +1,188 @@
+"""Combo loss (Taghanaki et al. 2019): a weighted cross-entropy, whose ``beta`` trades false negatives against
+false positives, plus the Dice loss, mixed by ``alpha``. Log-probabilities come from log-sigmoid / log-softmax,
+so the loss and its gradient are finite for any finite logits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .core import (
+    EncodedTarget,
+    RegionLoss,
+    activate,
+    check_probability,
+    encode_target,
+    flatten_probs,
+    overlap_stats,
+    reduce_loss,
+)
+from .dice import dice_loss
+
+
+def log1m_softmax(log_probs: torch.Tensor) -> torch.Tensor:
+    """``log(1 - p_c)`` from ``log p_c = log_softmax(x)_c`` over dim 1, finite for finite logits.
+
+    ``1 - p_c`` cancels to 0 in float32 once ``p_c`` rounds to 1. Only a voxel's most likely class can come close
+    (``p_c > 1/2`` for at most one c), so there ``log(1 - p_c) = logsumexp_{j != c} log p_j`` instead.
+    """
+    top = log_probs.argmax(1, keepdim=True)
+    others = log_probs.scatter(1, top, -math.inf).logsumexp(1, keepdim=True)
+    # the clamp only touches the top class, which is overwritten; it keeps that entry's gradient finite
+    rest = torch.log1p(-log_probs.clamp_max(math.log(0.5)).exp())
+    return rest.scatter(1, top, others)
+
+
+def log_likelihoods(
+    input: torch.Tensor, sigmoid: bool, softmax: bool, other_act: Callable | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, log p, log(1 - p))`` of ``BNH[WD]`` input as ``(B, N, voxels)`` in float32 (float64 kept).
+
+    Logits (``sigmoid`` / ``softmax``) give exact log-probabilities; probabilities (no activation or
+    ``other_act``) are clamped to the smallest normal float before the log, so 0 and 1 stay finite.
+    """
+    if sigmoid or (softmax and input.shape[1] > 1):
+        logits = flatten_probs(activate(input))  # activate() without a switch: checks and upcasts only
+        if sigmoid:
+            return torch.sigmoid(logits), F.logsigmoid(logits), F.logsigmoid(-logits)
+        log_p = logits.log_softmax(1)
+        return log_p.exp(), log_p, log1m_softmax(log_p)
+    probs = flatten_probs(activate(input, softmax=softmax, other_act=other_act))
+    tiny = torch.finfo(probs.dtype).tiny
+    return probs, probs.clamp_min(tiny).log(), (1 - probs).clamp_min(tiny).log()
+
+
+def weighted_cross_entropy_sums(
+    log_p: torch.Tensor, log_1mp: torch.Tensor, encoded: EncodedTarget, beta: float
+) -> torch.Tensor:
+    """Per image and class ``-sum_i [beta t_i log p_i + (1 - beta)(1 - t_i) log(1 - p_i)]`` over the voxels that
+    count (Taghanaki et al. 2019, eq. 3 before the 1/N), ``(B, C)``; each class is a one-vs-rest problem.
+
+    For index targets the ``t = 0`` term is summed over every voxel and corrected at each voxel's own class
+    by gather / scatter_add, so no one-hot copy is built.
+    """
+    mask = encoded.mask_weight
+    if encoded.indices is None:
+        target = encoded.dense
+        per_voxel = beta * target * log_p + (1 - beta) * (1 - target) * log_1mp
+        return -(per_voxel.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", per_voxel, mask))
+    labels = encoded.indices.unsqueeze(1)
+    negatives = log_1mp.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", log_1mp, mask)
+    at_label = (beta * log_p.gather(1, labels) - (1 - beta) * log_1mp.gather(1, labels)).squeeze(1)
+    if mask is not None:
+        at_label = at_label * mask
+    return -((1 - beta) * negatives + torch.zeros_like(negatives).scatter_add(1, encoded.indices, at_label))
+
+
+class ComboLoss(RegionLoss):
+    """Combo loss of Taghanaki et al. (2019): per image and class (over the batch too with ``batch=True``)
+
+        L_c = alpha * wCE_c + (1 - alpha) * (1 - Dice_c)
+
+        wCE_c  = -(1/M) sum_i [beta t_ic log p_ic + (1 - beta)(1 - t_ic) log(1 - p_ic)]
+        Dice_c = (2 TP_c + smooth_nr) / (2 TP_c + FP_c + FN_c + smooth_dr)
+
+    over the M voxels that count, then weighted by ``weight`` and reduced over images and classes. ``beta > 0.5``
+    weighs the positive term, so it penalises false negatives more (recall); ``beta < 0.5`` false positives.
+
+    Sign convention: the paper (eq. 3) writes ``alpha * wCE - (1 - alpha) * sum_c Dice_c``; we use the Dice loss
+    ``1 - Dice_c`` and average over classes, so for one class ``L = L_paper + (1 - alpha)``: the same gradient,
+    and the loss is >= 0 and comparable with ``DiceLoss``. The paper's add-one smoothing is ``smooth_nr =
+    smooth_dr = 1``; the defaults here are MONAI's 1e-5. Each channel is a one-vs-rest binary problem, with ``p``
+    from a sigmoid per channel or a softmax over channels; ``log p`` and ``log(1 - p)`` come from log-sigmoid /
+    log-softmax, so the loss is finite for any finite logits (the seed post's ``log(p + 1e-9)`` is not: 1e-9
+    vanishes next to 1 in float32).
+
+    ``input`` is ``BNH[WD]``; ``target`` ``BNH[WD]`` (one-hot or soft) or ``B1H[WD]`` class indices with
+    ``to_onehot_y=True`` (never one-hot encoded here: gather / scatter_add).
+
+    Reference:
+        Taghanaki, S. A. et al. (2019) Combo loss: Handling input and output imbalance in multi-organ
+        segmentation. Computerized Medical Imaging and Graphics 75, 24-33. https://arxiv.org/abs/1805.02798
+
+    Args:
+        include_background: if False, channel 0 is excluded (after the softmax, as in ``DiceLoss``). Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices. Defaults to False.
+        sigmoid: ``input`` is logits, one sigmoid per channel. Defaults to False.
+        softmax: ``input`` is logits, softmax over channels. Defaults to False.
+        other_act: another callable giving probabilities (its logs are clamped at the smallest normal float).
+            Defaults to None. At most one of the three; with none, ``input`` must be probabilities.
+        alpha: weight of the cross-entropy term, in [0, 1]; ``1 - alpha`` weighs the Dice loss. Defaults to 0.5.
+        beta: weight of the positive (false-negative) term of the cross-entropy, in [0, 1]; ``1 - beta`` weighs
+            the negative (false-positive) term. Defaults to 0.5 (plain BCE, halved).
+        reduction: ``"none"`` (``BN'1[11]``, or ``N'1[11]`` with ``batch``), ``"mean"`` or ``"sum"``.
+            Defaults to ``"mean"``.
+        smooth_nr: added to the Dice numerator. Defaults to 1e-5.
+        smooth_dr: added to the Dice denominator. Defaults to 1e-5.
+        batch: pool Dice statistics and cross-entropy over the batch. Defaults to False.
+        weight: per-class weight (a number or one value >= 0 per class used). Defaults to None.
+        ignore_index: voxels whose target equals it count in neither term, gradient included. Defaults to None.
+
+    Raises:
+        LossInputError: (a ``ValueError``) for alpha or beta outside [0, 1], a bad reduction, weight or
+            activation combination, mismatched shapes or labels outside ``[0, N)``.
+    """
+
+    none_keeps_spatial_axes = True
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__(
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            weight=weight,
+            ignore_index=ignore_index,
+        )
+        self.alpha = check_probability("alpha", alpha)
+        self.beta = check_probability("beta", beta)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``BNH[WD]`` logits (with ``sigmoid`` / ``softmax``) or probabilities, any floating dtype.
+            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+
+        Returns:
+            a scalar, or the per-class loss ``BN'1[11]`` (``N'1[11]`` with ``batch``) for ``"none"``.
+        """
+        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+        probs, log_p, log_1mp = log_likelihoods(input, self.sigmoid, self.softmax, self.other_act)
+        tp, fp, fn = overlap_stats(probs, encoded, self.include_background, self.batch)
+        cross_entropy = weighted_cross_entropy_sums(log_p, log_1mp, encoded, self.beta)
+        if not self.include_background and encoded.num_classes > 1:
+            cross_entropy = cross_entropy[:, 1:]
+        if encoded.mask_weight is None:
+            counted = torch.full_like(cross_entropy[:, :1], probs.shape[-1])
+        else:
+            counted = encoded.mask_weight.sum(-1, keepdim=True).to(cross_entropy)
+        if self.batch:
+            cross_entropy, counted = cross_entropy.sum(0), counted.sum(0)
+        # an image (or batch) with every voxel ignored has a zero sum: 0 / eps = 0, not NaN
+        cross_entropy = cross_entropy / counted.clamp_min(torch.finfo(torch.float32).eps)
+        dice = dice_loss(tp, fp, fn, smooth_nr=self.smooth_nr, smooth_dr=self.smooth_dr)
+        per_class = self.alpha * cross_entropy + (1 - self.alpha) * dice
+        return reduce_loss(per_class, self.reduction, self.class_weight, input.ndim - 2)
