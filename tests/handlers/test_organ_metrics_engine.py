@@ -136,7 +136,9 @@ CONFIG_SNIPPET = """
     "organ_counts": {
       "_target_": "scripts.organ_metrics.OrganCounts",
       "labels": "$@bundle_root + '/configs/metadata.json'",
-      "include_background": false
+      "num_classes": "@num_classes",
+      "include_background": false,
+      "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"
     },
     "key_metric": {
       "val_mean_dice": {"_target_": "scripts.organ_metrics.OrganMetric", "counts": "@validate#organ_counts",
@@ -146,11 +148,10 @@ CONFIG_SNIPPET = """
       "val_mean_iou": {"_target_": "scripts.organ_metrics.OrganMetric", "counts": "@validate#organ_counts",
                        "metric": "iou"}
     },
-    "organ_writer": {
-      "_target_": "scripts.organ_metrics.OrganMetricsWriter",
-      "counts": "@validate#organ_counts",
-      "output_dir": "@output_dir"
-    }
+    "handlers": [
+      {"_target_": "scripts.organ_metrics.OrganMetricsWriter", "counts": "@validate#organ_counts",
+       "output_dir": "@output_dir"}
+    ]
   }
 }
 """
@@ -162,8 +163,9 @@ def test_config_snippet_builds_shared_counts(metadata_path, tmp_path):
     parser = ConfigParser(json.loads(CONFIG_SNIPPET))
     parser["bundle_root"] = str(tmp_path)
     parser["output_dir"] = str(tmp_path / "eval")
+    parser["num_classes"] = NUM_CLASSES
     key_metric = parser.get_parsed_content("validate#key_metric")
     iou = parser.get_parsed_content("validate#additional_metrics")["val_mean_iou"]
-    writer = parser.get_parsed_content("validate#organ_writer")
+    writer = parser.get_parsed_content("validate#handlers")[0]
     assert key_metric["val_mean_dice"].counts is iou.counts is writer.counts
     assert iou.counts.organ_names == ["spleen", "right kidney", "left kidney", "gallbladder"]
