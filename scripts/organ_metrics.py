@@ -79,8 +79,9 @@ def _exclusive_one_hot_index(x: torch.Tensor) -> torch.Tensor | None:
 
     One matrix product gives, per voxel, the moments ``sum_c x_c``, ``sum_c c x_c`` and ``sum_c c^2 x_c``.
     For non-negative ``x`` these are 1, ``k`` and ``k^2`` exactly when ``x`` is the one-hot vector of ``k``
-    (a distribution over classes with zero variance is a point mass). This reads the input once, where
-    ``argmax`` over the channel axis or channel-by-channel masks read it many times.
+    (a distribution over classes with zero variance is a point mass; the minimum rules out negative entries,
+    which could match the moments otherwise). Two reads of the input, where ``argmax`` over the channel axis or
+    channel-by-channel masks read it many times.
     """
     flat = x.reshape(x.shape[0], -1)
     if flat.dtype not in (torch.float32, torch.float64):

@@ -221,6 +221,13 @@ def test_bad_input_raises_value_error(pred, label, message):
         OrganCounts(num_classes=3).update(pred, label)
 
 
+def test_negative_values_with_one_hot_moments_are_not_taken_for_one_hot():
+    """(0, 3, -3, 1) has the moments of class 0's one-hot vector (a third finite difference added to it)."""
+    fake = torch.tensor([0.0, 3.0, -3.0, 1.0]).view(1, 4, 1, 1).expand(1, 4, 3, 2)
+    with pytest.raises(ValueError, match="binary"):
+        OrganCounts(num_classes=4).update(fake, torch.zeros(1, 1, 3, 2))
+
+
 def test_bad_arguments_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="labels .* or num_classes"):
         OrganCounts()
