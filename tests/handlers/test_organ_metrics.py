@@ -75,18 +75,21 @@ def test_matches_monai_dice_and_mean_iou(
 
 @given(seed=st.integers(0, 2**16), num_classes=st.integers(2, 5), include_background=st.booleans())
 def test_multilabel_and_partly_empty_one_hot_match_monai(seed, num_classes, include_background):
-    """One-hot maps that are not exclusive (overlapping channels, voxels with no class) take the mask path."""
+    """One-hot maps that are not exclusive (overlapping channels, voxels with no class) take the mask path,
+    against a multi-label or a class-index label."""
     gen = torch.Generator().manual_seed(seed)
     pred = (torch.rand(2, num_classes, 6, 5, 3, generator=gen) > 0.6).float()
-    label = (torch.rand(2, num_classes, 6, 5, 3, generator=gen) > 0.5).float()
-    counts = OrganCounts(num_classes=num_classes, include_background=include_background)
-    counts.update(pred, label)
-    for metric, monai_cls in (("dice", DiceMetric), ("iou", MeanIoU)):
-        reference = monai_cls(include_background=include_background, reduction="none")
-        reference(pred, label)
-        torch.testing.assert_close(
-            counts.image_scores(metric), reference.get_buffer().double(), atol=1e-6, rtol=0, equal_nan=True
-        )
+    multilabel = (torch.rand(2, num_classes, 6, 5, 3, generator=gen) > 0.5).float()
+    label_index = random_labels(seed, 2, num_classes, (6, 5, 3))
+    for label, label_given in ((multilabel, multilabel), (one_hot(label_index, num_classes), label_index)):
+        counts = OrganCounts(num_classes=num_classes, include_background=include_background)
+        counts.update(pred, label_given)
+        for metric, monai_cls in (("dice", DiceMetric), ("iou", MeanIoU)):
+            reference = monai_cls(include_background=include_background, reduction="none")
+            reference(pred, label)
+            torch.testing.assert_close(
+                counts.image_scores(metric), reference.get_buffer().double(), atol=1e-6, rtol=0, equal_nan=True
+            )
 
 
 @given(seed=st.integers(0, 2**16), num_classes=st.integers(2, 6))
