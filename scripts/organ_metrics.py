@@ -452,8 +452,8 @@ class OrganCounts:
             self._synced["images"] = (local, names)
         return self._synced["images"]
 
-    def total_counts(self) -> torch.Tensor:
-        """Counts ``(C, 3)`` pooled over the images of all ranks (an ``all_reduce`` sum)."""
+    def total_counts(self) -> tuple[torch.Tensor, int]:
+        """Counts ``(C, 3)`` pooled over the images of all ranks (an ``all_reduce`` sum), and the image count."""
         if "total" not in self._synced:
             local = sum(self._counts, torch.zeros(self.num_classes, 3, dtype=torch.long))
             n_images = torch.tensor([len(self._counts)], dtype=torch.long)
