@@ -73,6 +73,26 @@ def test_matches_monai_dice_and_mean_iou(
         assert math.isclose(our_mean, mean, abs_tol=1e-6)
 
 
+@given(
+    seed=st.integers(0, 2**16),
+    num_classes=st.integers(2, 6),
+    include_background=st.booleans(),
+    dropped=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 5)), max_size=6),
+)
+def test_global_aggregation_is_monai_on_the_images_side_by_side(seed, num_classes, include_background, dropped):
+    """Pooling the voxels of all images equals scoring one image made of all of them, side by side."""
+    label = random_labels(seed, 3, num_classes, (5, 4), dropped)
+    pred = random_labels(seed + 1, 3, num_classes, (5, 4), dropped)
+    counts = OrganCounts(num_classes=num_classes, include_background=include_background, aggregation="global")
+    counts.update(pred, label)
+    side_by_side = [torch.cat(list(x), dim=-1)[None] for x in (pred, label)]  # 1 x 1 x 5 x 12
+    for metric, monai_cls in (("dice", DiceMetric), ("iou", MeanIoU)):
+        per_image, _, _, mean = monai_reference(monai_cls, *side_by_side, num_classes, include_background, True)
+        per_organ, our_mean = counts.organ_scores(metric)
+        torch.testing.assert_close(per_organ, per_image[0], atol=1e-6, rtol=0, equal_nan=True)
+        assert math.isclose(our_mean, mean, abs_tol=1e-6)
+
+
 @given(seed=st.integers(0, 2**16), num_classes=st.integers(2, 5), include_background=st.booleans())
 def test_multilabel_and_partly_empty_one_hot_match_monai(seed, num_classes, include_background):
     """One-hot maps that are not exclusive (overlapping channels, voxels with no class) take the mask path,
