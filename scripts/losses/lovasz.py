@@ -80,7 +80,7 @@ def lovasz_weights(
 
     Args:
         errors: ``(B, C, N)`` errors of each image and class.
-        fg: ``(B, C, N)`` ground truth, 0 at voxels that do not count.
+        fg: ``(B, C, N)`` ground truth (bool, or float for soft targets), 0 at voxels that do not count.
         valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None (all count).
         per_image: one problem per image and class; False pools each class over the batch. Defaults to True.
 
@@ -93,11 +93,14 @@ def lovasz_weights(
         if valid is not None:
             key = key.masked_fill(~valid, -torch.inf)  # sorts last in descending order
             valid_count = valid.sum(-1, keepdim=True) if per_image else valid.sum().view(1, 1, 1)
-            valid_count = valid_count.to(fg.dtype)
+            valid_count = valid_count.to(errors.dtype)
         if not per_image:
             key, fg = _pool_batch(key), _pool_batch(fg)
         sorted_key, order = key.sort(dim=-1, descending=True)
-        weights = sorted_key.scatter_(-1, order, lovasz_grad(fg.gather(-1, order), valid_count))
+        del key  # the rows are as large as the logits: free each one as soon as it is used
+        fg_sorted = fg.gather(-1, order).to(errors.dtype)
+        del fg
+        weights = sorted_key.scatter_(-1, order, lovasz_grad(fg_sorted, valid_count))
         if per_image:
             return weights
         return weights.view(errors.shape[1], errors.shape[0], -1).transpose(0, 1)
@@ -115,14 +118,17 @@ def lovasz_hinge(
 
     Args:
         logits: ``(B, C, N)`` raw scores (no sigmoid: the hinge margin is defined on logits).
-        fg: ``(B, C, N)`` binary ground truth, 0 at voxels that do not count.
+        fg: ``(B, C, N)`` binary ground truth (bool, or float), 0 at voxels that do not count.
         valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None.
         per_image: one problem per image and channel, else per channel over the batch. Defaults to True.
 
     Returns:
         ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
     """
-    errors = 1 - logits * (2 * fg - 1)
+    if fg.dtype == torch.bool:  # index targets: no float one-hot copy
+        errors = torch.where(fg, 1 - logits, 1 + logits)
+    else:
+        errors = 1 - logits * (2 * fg - 1)
     return _problem_sum(torch.relu(errors) * lovasz_weights(errors, fg, valid, per_image), per_image)
 
 
@@ -133,21 +139,24 @@ def lovasz_softmax(
 
     Args:
         probs: ``(B, C, N)`` class probabilities.
-        fg: ``(B, C, N)`` ground truth (one-hot or soft), 0 at voxels that do not count.
+        fg: ``(B, C, N)`` ground truth (bool, or float one-hot or soft), 0 at voxels that do not count.
         valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None.
         per_image: one problem per image and class, else per class over the batch. Defaults to True.
 
     Returns:
         ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
     """
-    errors = (fg - probs).abs()
+    errors = torch.where(fg, 1 - probs, probs) if fg.dtype == torch.bool else (fg - probs).abs()
     return _problem_sum(errors * lovasz_weights(errors, fg, valid, per_image), per_image)
 
 
 def _problems(
     scores: torch.Tensor, encoded: EncodedTarget, include_background: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(scores, foreground, valid)`` as ``(B, C', N)``, ``(B, C', N)`` and ``(B, 1, N)`` (or None)."""
+    """``(scores, foreground, valid)`` as ``(B, C', N)``, ``(B, C', N)`` and ``(B, 1, N)`` (or None).
+
+    The foreground of an index target stays bool (a quarter of a float one-hot).
+    """
     scores = flatten_probs(scores)
     first = 0
     if not include_background:
@@ -159,7 +168,7 @@ def _problems(
     if encoded.indices is not None:
         classes = torch.arange(first, encoded.num_classes, device=scores.device).view(1, -1, 1)
         fg = encoded.indices.unsqueeze(1) == classes
-        fg = (fg if valid is None else fg & valid).to(scores.dtype)
+        fg = fg if valid is None else fg & valid
     else:
         fg = encoded.dense[:, first:].to(scores.dtype)
         fg = fg if valid is None else fg * valid

@@ -1,0 +1,352 @@
+"""Benchmarks of the bundle's building blocks against their anchors, written to ``docs/benchmarks.md``.
+
+Usage::
+
+    python -m scripts.benchmark losses [--device cpu|cuda] [--threads 2] [--shape 2,14,64,64,64] [--repeats 5]
+
+Each subcommand owns one ``## <Name>`` section of the markdown file and replaces only its own block in it (one
+block per device), so sections written by other subcommands or by hand are kept.
+
+``losses``: forward + backward of every loss in ``scripts.losses.LOSSES`` and of its anchor, in the same
+process on the same inputs (``to_onehot_y=True`` with ``B1H[WD]`` labels; softmax where the loss has the
+switch, given to both sides only if both accept it):
+
+- MONAI 1.6.1's class of the same name (Jaccard: ``DiceLoss(jaccard=True)``; Focal Tversky: ``TverskyLoss``
+  with the same alpha/beta; Combo: ``DiceCELoss``);
+- for the Lovasz losses, the plain loop reference of ``scripts/lovasz_reference.py`` (one sort per image or
+  batch and class, Algorithm 1 of Berman et al. 2018), given the one-hot target it needs inside the timing.
+
+Runs alternate (ours, anchor, ours, ...) after one warm-up each, so a shared machine's load hits both sides
+alike; the table gives medians. Memory is the peak of tensor memory allocated during one forward + backward
+above what was allocated before it (inputs excluded, the input gradient included), as a multiple of the
+logits' size: on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the allocation events of
+``torch.profiler`` (``profile_memory=True``: every allocation and free of PyTorch's CPU allocator, in order),
+measured in a separate, untimed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(loss_fn: LossFn, logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Seconds for one forward + backward on a fresh leaf copy of ``logits``."""
+    leaf = logits.detach().clone().requires_grad_(True)
+    synchronize(logits.device)
+    start = time.perf_counter()
+    loss_fn(leaf, target).backward()
+    synchronize(logits.device)
+    return time.perf_counter() - start
+
+
+def peak_extra_bytes(loss_fn: LossFn, logits: torch.Tensor, target: torch.Tensor) -> int:
+    """Peak tensor bytes allocated during one forward + backward above the allocation before it."""
+    leaf = logits.detach().clone().requires_grad_(True)
+    if logits.device.type == "cuda":
+        synchronize(logits.device)
+        torch.cuda.reset_peak_memory_stats(logits.device)
+        before = torch.cuda.memory_allocated(logits.device)
+        loss_fn(leaf, target).backward()
+        synchronize(logits.device)
+        return torch.cuda.max_memory_allocated(logits.device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_fn(leaf, target).backward()
+    # every allocation (+) and free (-) of the CPU allocator while profiling, in time order
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    allocated = peak = 0
+    for _, nbytes in events:
+        allocated += nbytes
+        peak = max(peak, allocated)
+    return peak
+
+
+@dataclass
+class Comparison:
+    name: str
+    anchor: str
+    ours_s: list[float]
+    anchor_s: list[float]
+    ours_bytes: int
+    anchor_bytes: int
+    target_note: str = ""
+
+    @property
+    def time_ratio(self) -> float:
+        return statistics.median(self.ours_s) / statistics.median(self.anchor_s)
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.ours_bytes / max(self.anchor_bytes, 1)
+
+
+def compare(name: str, anchor: str, ours: LossFn, reference: LossFn, logits, target, repeats: int,
+            target_note: str = "") -> Comparison:
+    """Alternate timed runs of ``ours`` and ``reference`` (one warm-up each), then one memory run each."""
+    for fn in (ours, reference):
+        time_step(fn, logits, target)
+    ours_s, anchor_s = [], []
+    for _ in range(repeats):
+        ours_s.append(time_step(ours, logits, target))
+        anchor_s.append(time_step(reference, logits, target))
+    return Comparison(name, anchor, ours_s, anchor_s, peak_extra_bytes(ours, logits, target),
+                      peak_extra_bytes(reference, logits, target), target_note)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+#: the switches every benchmarked loss gets when it takes them (only those both sides accept are passed)
+LOSS_SWITCHES = {"to_onehot_y": True, "softmax": True, "use_softmax": True}
+REGION_TARGET = "time <= 0.7x, memory <= 0.5x"
+
+
+def _accepted(cls: type, kwargs: dict) -> set[str]:
+    parameters = inspect.signature(cls.__init__).parameters
+    return {key for key in kwargs if key in parameters}
+
+
+def monai_anchors() -> dict[str, tuple[str, type, dict, dict, str]]:
+    """registry name -> (anchor label, MONAI class, kwargs for the anchor only, kwargs for both sides, target)."""
+    import monai.losses as monai_losses
+
+    tversky = {"alpha": 0.3, "beta": 0.7}
+    return {
+        "dice": ("monai DiceLoss", monai_losses.DiceLoss, {}, {}, REGION_TARGET),
+        "jaccard": ("monai DiceLoss(jaccard=True)", monai_losses.DiceLoss, {"jaccard": True}, {}, REGION_TARGET),
+        "tversky": ("monai TverskyLoss", monai_losses.TverskyLoss, {}, {}, REGION_TARGET),
+        "focal_tversky": ("monai TverskyLoss(alpha=0.3, beta=0.7)", monai_losses.TverskyLoss, {}, tversky,
+                          REGION_TARGET),
+        "focal": ("monai FocalLoss", monai_losses.FocalLoss, {}, {}, ""),
+        "dice_ce": ("monai DiceCELoss", monai_losses.DiceCELoss, {}, {}, ""),
+        "dice_focal": ("monai DiceFocalLoss", monai_losses.DiceFocalLoss, {}, {}, ""),
+        "combo": ("monai DiceCELoss", monai_losses.DiceCELoss, {}, {}, ""),
+    }
+
+
+def lovasz_anchor(kind: str, per_image: bool) -> LossFn:
+    """The loop reference on ``(logits, labels)``: one-hot target, softmax (softmax kind), Algorithm 1 per
+    (image or batch, class), Berman's mean over present classes."""
+    from scripts.lovasz_reference import lovasz_hinge_reference, lovasz_softmax_reference, reduce_table_reference
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dense = F.one_hot(labels[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        if kind == "softmax":
+            table, counted = lovasz_softmax_reference(torch.softmax(logits, 1), dense, None, per_image, "present")
+        else:
+            table, counted = lovasz_hinge_reference(logits, dense, None, per_image)
+        return reduce_table_reference(table, counted)
+
+    return loss
+
+
+def loss_cases(only: list[str] | None) -> tuple[list[tuple], list[str]]:
+    """``(name, anchor label, ours, anchor, target)`` for each loss in the registry, and notes on the rest."""
+    from scripts.losses import LOSSES
+
+    anchors = monai_anchors()
+    cases, notes, seen = [], [], {}
+    for name, cls in LOSSES.items():
+        if only and name not in only:
+            continue
+        if cls in seen.values():
+            alias_of = next(key for key, value in seen.items() if value is cls)
+            notes.append(f"`{name}` is an alias of `{alias_of}` (same class), not timed twice.")
+            continue
+        seen[name] = cls
+        if name in anchors:
+            label, anchor_cls, anchor_only, shared, target_note = anchors[name]
+            both = _accepted(cls, LOSS_SWITCHES) & _accepted(anchor_cls, LOSS_SWITCHES)
+            switches = {key: LOSS_SWITCHES[key] for key in both}
+            cases.append((name, label, cls(**switches, **shared), anchor_cls(**switches, **shared, **anchor_only),
+                          target_note))
+        elif name == "lovasz_softmax":
+            for per_image in (False, True):
+                suffix = " (per_image=True)" if per_image else ""
+                cases.append((name + suffix, "loop reference" + suffix, cls(to_onehot_y=True, per_image=per_image),
+                              lovasz_anchor("softmax", per_image), "" if per_image else "time <= 0.4x"))
+        elif name == "lovasz_hinge":
+            cases.append((name, "loop reference (per_image=True)", cls(to_onehot_y=True),
+                          lovasz_anchor("hinge", True), ""))
+        else:
+            notes.append(f"`{name}` has no anchor in this script yet.")
+    missing = [key for key in [*anchors, "lovasz_softmax", "lovasz_hinge"] if key not in LOSSES]
+    if missing and not only:
+        notes.append("Not in the registry at the time of this run (not measured): "
+                     + ", ".join(f"`{key}`" for key in missing) + ".")
+    return cases, notes
+
+
+def make_inputs(shape: tuple[int, ...], device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``shape`` and ``B1H[WD]`` labels of the same batch and size, uniform over the classes."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=generator)
+    labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=generator)
+    return logits.to(device), labels.to(device)
+
+
+def run_losses(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    shape = tuple(int(size) for size in args.shape.split(","))
+    logits, labels = make_inputs(shape, device)
+    logits_bytes = logits.numel() * logits.element_size()
+    cases, notes = loss_cases(args.only)
+    results = []
+    for name, anchor_label, ours, anchor, target_note in cases:
+        ours, anchor = _to(ours, device), _to(anchor, device)
+        result = compare(name, anchor_label, ours, anchor, logits, labels, args.repeats, target_note)
+        results.append(result)
+        print(f"{name:32s} ours {statistics.median(result.ours_s) * 1e3:9.1f} ms  anchor "
+              f"{statistics.median(result.anchor_s) * 1e3:9.1f} ms  time x{result.time_ratio:.2f}  "
+              f"memory {result.ours_bytes / logits_bytes:.2f} vs {result.anchor_bytes / logits_bytes:.2f} "
+              f"(x{result.memory_ratio:.2f})", flush=True)
+    return losses_markdown(results, notes, shape, device, args, logits_bytes)
+
+
+def _to(loss: LossFn, device: torch.device) -> LossFn:
+    return loss.to(device) if isinstance(loss, torch.nn.Module) else loss
+
+
+def losses_markdown(results: list[Comparison], notes: list[str], shape, device, args, logits_bytes: int) -> str:
+    lines = [
+        f"### {machine_label(device)}",
+        "",
+        f"{environment_line(device, args.threads)} Input: logits `{tuple(shape)}` float32 "
+        f"({logits_bytes / 2**20:.1f} MiB), labels `{(shape[0], 1, *shape[2:])}` int64 uniform over the classes, "
+        f"`to_onehot_y=True`, softmax. Medians of {args.repeats} alternating runs after one warm-up each.",
+        "",
+        "| loss | anchor | ours (ms) | anchor (ms) | time ratio | ours peak extra (x logits) "
+        "| anchor peak extra (x logits) | memory ratio | target (issue 2) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        verdict = ""
+        if r.target_note:
+            time_limit = float(re.search(r"time <= ([0-9.]+)x", r.target_note).group(1))
+            memory_match = re.search(r"memory <= ([0-9.]+)x", r.target_note)
+            met = r.time_ratio <= time_limit and (memory_match is None or r.memory_ratio <= float(memory_match.group(1)))
+            verdict = f"{r.target_note}: {'met' if met else '**not met**'}"
+        lines.append(
+            f"| `{r.name}` | {r.anchor} | {statistics.median(r.ours_s) * 1e3:.1f} | "
+            f"{statistics.median(r.anchor_s) * 1e3:.1f} | {r.time_ratio:.2f} | {r.ours_bytes / logits_bytes:.2f} | "
+            f"{r.anchor_bytes / logits_bytes:.2f} | {r.memory_ratio:.2f} | {verdict} |"
+        )
+    lines += [""] + [f"- {note}" for note in notes]
+    lines += [f"- Command: `python -m scripts.benchmark losses --device {device.type} --threads {args.threads} "
+              f"--shape {args.shape} --repeats {args.repeats}`", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def machine_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA: {torch.cuda.get_device_name(device)}"
+    return f"CPU: {cpu_model()}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_line(device: torch.device, threads: int) -> str:
+    import monai
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cores = os.cpu_count()
+    return (f"Measured {date} on {platform.system()} {platform.machine()} ({cores} logical CPUs, shared with other "
+            f"work), torch {torch.__version__}, MONAI {monai.__version__}, {threads} torch threads.")
+
+
+def write_block(path: Path, section: str, block_id: str, body: str) -> None:
+    """Put ``body`` between ``<!-- block_id -->`` markers inside the ``## section`` of ``path``.
+
+    An existing block with the same id is replaced; other blocks and sections are kept.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {block_id} -->", f"<!-- /{block_id} -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        heading = f"## {section}"
+        if heading not in text.splitlines():
+            text = text.rstrip() + f"\n\n{heading}\n"
+        lines = text.splitlines()
+        begin = lines.index(heading)
+        stop = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        section_text = "\n".join(lines[begin:stop]).rstrip() + "\n\n" + block + "\n"
+        text = "\n".join(lines[:begin]) + ("\n" if begin else "") + section_text + (
+            "\n" + "\n".join(lines[stop:]) if stop < len(lines) else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip() + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    losses = commands.add_parser("losses", help="each loss in scripts.losses against its anchor")
+    losses.add_argument("--shape", default="2,14,64,64,64", help="logits shape B,C,H,W[,D] (default: %(default)s)")
+    losses.add_argument("--only", nargs="+", metavar="NAME", help="registry names to run (default: all)")
+    losses.set_defaults(run=run_losses, section="Losses")
+    for command in (losses,):
+        command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        command.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
+        command.add_argument("--repeats", type=int, default=5, help="timed runs per side (default: %(default)s)")
+        command.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file (default: docs/benchmarks.md)")
+        command.add_argument("--no-write", action="store_true", help="print the table, leave the file alone")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    markdown = args.run(args)
+    print(markdown)
+    if not args.no_write:
+        block_id = f"{args.command}:{args.device}"
+        write_block(args.output, args.section, block_id, markdown)
+        print(f"wrote {args.output} ({block_id})")
+
+
+if __name__ == "__main__":
+    main()
