@@ -67,10 +67,8 @@ def assert_same_as_monai(kwargs, logits, target, ours=DiceLoss, theirs=monai.los
 @pytest.mark.parametrize("ignore", [None, "class", "sentinel"])
 def test_equals_monai_dice(spatial, activation, target_kind, ignore):
     logits, target, ignore_index, to_onehot_y = make_case(spatial, target_kind, ignore)
-    grid = itertools.product([True, False], [False, True], ["mean", "sum", "none"], [None, "per_class"])
-    for include_background, batch, reduction, weight in grid:
-        if weight == "per_class":
-            weight = [0.5, 2.0, 1.0][1 - include_background :]
+    for include_background, batch, reduction in itertools.product([True, False], [False, True], ["mean", "sum", "none"]):
+        weight = None if reduction == "mean" else [0.5, 2.0, 1.0][1 - include_background :]
         kwargs = dict(
             include_background=include_background,
             to_onehot_y=to_onehot_y,
@@ -86,7 +84,7 @@ def test_equals_monai_dice(spatial, activation, target_kind, ignore):
 
 @pytest.mark.parametrize("target_kind", ["index", "soft"])
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
-@pytest.mark.parametrize("variant", ["squared_pred", "jaccard", "both", "smooth", "scalar_weight"])
+@pytest.mark.parametrize("variant", ["squared_pred", "jaccard", "both", "smooth", "scalar_weight", "class_weight"])
 def test_equals_monai_dice_variants(target_kind, activation, variant):
     logits, target, ignore_index, to_onehot_y = make_case((4, 3, 5), target_kind, "sentinel")
     extra = {
@@ -95,6 +93,7 @@ def test_equals_monai_dice_variants(target_kind, activation, variant):
         "both": {"squared_pred": True, "jaccard": True, "soft_label": True},
         "smooth": {"smooth_nr": 0.0, "smooth_dr": 1e-3},
         "scalar_weight": {"weight": 3.0},
+        "class_weight": {"weight": torch.tensor([0.5, 2.0, 1.0])},
     }[variant]
     for batch in (False, True):
         kwargs = dict(to_onehot_y=to_onehot_y, ignore_index=ignore_index, batch=batch, **ACTIVATIONS[activation])
@@ -170,8 +169,7 @@ def test_gradcheck_float64(kwargs):
     assert torch.autograd.gradcheck(lambda x: loss(x, target), (logits,))
 
 
-@pytest.mark.parametrize("loss_class", [DiceLoss, JaccardLoss])
-@pytest.mark.parametrize("to_onehot_y", [True, False])
+@pytest.mark.parametrize("loss_class, to_onehot_y", [(DiceLoss, True), (JaccardLoss, False)])
 def test_compiles_without_graph_breaks(loss_class, to_onehot_y):
     logits, target, ignore_index, _ = make_case((4, 3, 5), "index" if to_onehot_y else "onehot", "sentinel")
     loss = loss_class(to_onehot_y=to_onehot_y, softmax=True, ignore_index=ignore_index, include_background=False)
