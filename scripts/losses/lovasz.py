@@ -106,6 +106,12 @@ def lovasz_weights(
         return weights.view(errors.shape[1], errors.shape[0], -1).transpose(0, 1)
 
 
+def _drop_ignored(errors: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero the errors of ignored voxels: their weight is 0 already, but an infinite logit there would
+    still turn ``0 * inf`` into NaN."""
+    return errors if valid is None else errors.masked_fill(~valid, 0.0)
+
+
 def _problem_sum(values: torch.Tensor, per_image: bool) -> torch.Tensor:
     """Sum ``(B, C, N)`` over each problem: ``(B, C)``, or ``(1, C)`` when the batch is pooled."""
     return values.sum(-1) if per_image else values.sum((0, -1)).unsqueeze(0)
@@ -129,6 +135,7 @@ def lovasz_hinge(
         errors = torch.where(fg, 1 - logits, 1 + logits)
     else:
         errors = 1 - logits * (2 * fg - 1)
+    errors = _drop_ignored(errors, valid)
     return _problem_sum(torch.relu(errors) * lovasz_weights(errors, fg, valid, per_image), per_image)
 
 
@@ -147,6 +154,7 @@ def lovasz_softmax(
         ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
     """
     errors = torch.where(fg, 1 - probs, probs) if fg.dtype == torch.bool else (fg - probs).abs()
+    errors = _drop_ignored(errors, valid)
     return _problem_sum(errors * lovasz_weights(errors, fg, valid, per_image), per_image)
 
 
