@@ -64,7 +64,7 @@ def weighted_cross_entropy_sums(
     For index targets the ``t = 0`` term is summed over every voxel and corrected at each voxel's own class
     by gather / scatter_add, so no one-hot copy is built.
     """
-    mask = encoded.mask_weight
+    mask = None if encoded.mask_weight is None else encoded.mask_weight.to(log_p)
     if encoded.indices is None:
         target = encoded.dense
         per_voxel = beta * target * log_p + (1 - beta) * (1 - target) * log_1mp

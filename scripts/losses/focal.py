@@ -222,7 +222,7 @@ class FocalLoss(torch.nn.Module):
                 "(without the background class 0 when include_background=False)."
             )
         weight = self._channel_weight(num_channels, logits)
-        mask = encoded.mask_weight
+        mask = None if encoded.mask_weight is None else encoded.mask_weight.to(logits)
 
         if encoded.indices is not None:
             labels, labelled = encoded.indices, encoded.mask
