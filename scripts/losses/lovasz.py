@@ -36,22 +36,26 @@ __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_grad", "lovasz_hinge"
 CLASS_SELECTIONS = ("present", "all")
 
 
-def lovasz_grad(fg_sorted: torch.Tensor, valid_count: torch.Tensor | None = None) -> torch.Tensor:
+def lovasz_grad(
+    fg_sorted: torch.Tensor, valid_count: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Gradient of the Lovasz extension of the Jaccard loss (Algorithm 1 of Berman et al. 2018), batched.
 
     Args:
-        fg_sorted: ``(..., N)`` ground truth (0/1, or soft) of each voxel, ordered by decreasing error.
+        fg_sorted: ``(..., N)`` ground truth (bool, 0/1 or soft) of each voxel, ordered by decreasing error.
             Must be 0 on padding voxels.
         valid_count: ``(..., 1)`` (broadcastable) number of voxels that count at the start of each row; the
             rest of the row is padding and gets gradient 0. Defaults to None (all ``N`` count).
+        dtype: floating dtype of the result. Defaults to None (``fg_sorted``'s, which must then be floating).
 
     Returns:
-        ``(..., N)`` tensor in the dtype of ``fg_sorted``.
+        ``(..., N)`` tensor.
     """
-    seen = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=fg_sorted.dtype, device=fg_sorted.device)
+    dtype = dtype or fg_sorted.dtype
+    seen = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=dtype, device=fg_sorted.device)
     if valid_count is not None:
         seen = torch.minimum(seen, valid_count)  # padding adds no voxel to the set
-    fg_seen = fg_sorted.cumsum(-1)
+    fg_seen = fg_sorted.cumsum(-1, dtype=dtype)
     fg_total = fg_seen[..., -1:].clone()
     # Jaccard loss of the set S of the i largest errors, |S| / |fg u S| (= 1 - |fg \ S| / |fg u S| of
     # Algorithm 1); |fg u S| >= 1 except in a row with no valid voxel, where the clamp gives a zero gradient.
@@ -98,9 +102,9 @@ def lovasz_weights(
             key, fg = _pool_batch(key), _pool_batch(fg)
         sorted_key, order = key.sort(dim=-1, descending=True)
         del key  # the rows are as large as the logits: free each one as soon as it is used
-        fg_sorted = fg.gather(-1, order).to(errors.dtype)
+        fg_sorted = fg.gather(-1, order)
         del fg
-        weights = sorted_key.scatter_(-1, order, lovasz_grad(fg_sorted, valid_count))
+        weights = sorted_key.scatter_(-1, order, lovasz_grad(fg_sorted, valid_count, errors.dtype))
         if per_image:
             return weights
         return weights.view(errors.shape[1], errors.shape[0], -1).transpose(0, 1)

@@ -93,6 +93,8 @@ def test_lovasz_grad_matches_set_definition(fg):
     fg_sorted = torch.tensor(fg, dtype=torch.float64)
     torch.testing.assert_close(lovasz_grad(fg_sorted), torch.tensor(expected, dtype=torch.float64))
     torch.testing.assert_close(lovasz_grad_reference(fg_sorted), torch.tensor(expected, dtype=torch.float64))
+    as_bool = lovasz_grad(fg_sorted.bool(), dtype=torch.float64)  # index targets reach it as bool
+    torch.testing.assert_close(as_bool, torch.tensor(expected, dtype=torch.float64))
 
 
 def test_lovasz_grad_by_hand():
