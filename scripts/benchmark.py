@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+NEW_FILE_HEADER = """# Benchmarks
+
+Figures measured with `python -m scripts.benchmark <subcommand>`; the module docstring of `scripts/benchmark.py`
+says what is timed and how memory is measured. Each table names its machine, thread count and versions.
+"""
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -283,13 +290,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_version(paths: tuple[str, ...] = ("scripts/losses", "scripts/lovasz_reference.py")) -> str:
+    """The commit measured, flagged when the measured sources differ from it (a shared working tree)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
+                                 text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+    return f"commit `{commit}`" + (" plus uncommitted changes to the measured modules" if changed else "")
+
+
 def environment_line(device: torch.device, threads: int) -> str:
     import monai
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cores = os.cpu_count()
-    return (f"Measured {date} on {platform.system()} {platform.machine()} ({cores} logical CPUs, shared with other "
-            f"work), torch {torch.__version__}, MONAI {monai.__version__}, {threads} torch threads.")
+    return (f"Measured {date} at {source_version()} on {platform.system()} {platform.machine()} ({cores} logical "
+            f"CPUs, shared with other work), torch {torch.__version__}, MONAI {monai.__version__}, "
+            f"{threads} torch threads.")
 
 
 def write_block(path: Path, section: str, block_id: str, body: str) -> None:
@@ -297,7 +318,7 @@ def write_block(path: Path, section: str, block_id: str, body: str) -> None:
 
     An existing block with the same id is replaced; other blocks and sections are kept.
     """
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = path.read_text() if path.exists() else NEW_FILE_HEADER
     start, end = f"<!-- {block_id} -->", f"<!-- /{block_id} -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
