@@ -384,7 +384,8 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     command.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     command.add_argument("--repeats", type=int, default=5, help="timed runs per side (default: %(default)s)")
-    command.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file (default: docs/benchmarks.md)")
+    command.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                         help="markdown file (default: docs/benchmarks.md)")
     command.add_argument("--no-write", action="store_true", help="print the table, leave the file alone")
 
 

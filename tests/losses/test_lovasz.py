@@ -200,7 +200,8 @@ def test_weight_and_reduction_match_reference(kind, reduction, per_image, includ
 
 def test_none_reduction_broadcasts_against_input():
     logits, target, _ = make_batch((4, 3, 5), 4, 2)
-    assert LovaszSoftmaxLoss(to_onehot_y=True, reduction="none", per_image=True)(logits, target).shape == (2, 4, 1, 1, 1)
+    per_image = LovaszSoftmaxLoss(to_onehot_y=True, reduction="none", per_image=True)
+    assert per_image(logits, target).shape == (2, 4, 1, 1, 1)
     assert LovaszSoftmaxLoss(to_onehot_y=True, reduction="none")(logits, target).shape == (1, 4, 1, 1, 1)
     assert LovaszHingeLoss(to_onehot_y=True, reduction="none", include_background=False)(
         logits[..., 0], target[..., 0]).shape == (2, 3, 1, 1)
