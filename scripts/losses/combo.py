@@ -5,6 +5,7 @@ so the loss and its gradient are finite for any finite logits."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,7 +15,9 @@ from .core import (
     EncodedTarget,
     RegionLoss,
     activate,
+    check_input,
     check_probability,
+    compute_dtype,
     encode_target,
     flatten_probs,
     overlap_stats,
@@ -26,14 +29,15 @@ from .dice import dice_loss
 def log1m_softmax(log_probs: torch.Tensor) -> torch.Tensor:
     """``log(1 - p_c)`` from ``log p_c = log_softmax(x)_c`` over dim 1, finite for finite logits.
 
-    ``1 - p_c`` cancels to 0 in float32 once ``p_c`` rounds to 1. Only a voxel's most likely class can come close
-    (``p_c > 1/2`` for at most one c), so there ``log(1 - p_c) = logsumexp_{j != c} log p_j`` instead.
+    ``1 - p_c`` cancels to 0 in float32 once ``p_c`` rounds to 1. Only a class with ``p_c > 1/2`` can come close,
+    and a voxel has at most one: there ``log(1 - p_c) = logsumexp_{j != c} log p_j`` instead.
     """
-    top = log_probs.argmax(1, keepdim=True)
-    others = log_probs.scatter(1, top, -math.inf).logsumexp(1, keepdim=True)
-    # the clamp only touches the top class, which is overwritten; it keeps that entry's gradient finite
-    rest = torch.log1p(-log_probs.clamp_max(math.log(0.5)).exp())
-    return rest.scatter(1, top, others)
+    half = -math.log(2.0)
+    dominant = log_probs > half
+    others = log_probs.masked_fill(dominant, -math.inf).logsumexp(1, keepdim=True)
+    # the clamp only touches the dominant class, whose value is replaced; it keeps that entry's gradient finite
+    rest = torch.log1p(-log_probs.clamp_max(half).exp())
+    return torch.where(dominant, others, rest)
 
 
 def log_likelihoods(
@@ -69,12 +73,89 @@ def weighted_cross_entropy_sums(
         target = encoded.dense
         per_voxel = beta * target * log_p + (1 - beta) * (1 - target) * log_1mp
         return -(per_voxel.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", per_voxel, mask))
-    labels = encoded.indices.unsqueeze(1)
+    return _index_cross_entropy_sums(log_p, log_1mp, encoded.indices, mask, beta)
+
+
+def _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta: float) -> torch.Tensor:
     negatives = log_1mp.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", log_1mp, mask)
-    at_label = (beta * log_p.gather(1, labels) - (1 - beta) * log_1mp.gather(1, labels)).squeeze(1)
+    at_label = (beta * log_p.gather(1, labels.unsqueeze(1)) - (1 - beta) * log_1mp.gather(1, labels.unsqueeze(1)))
+    at_label = at_label.squeeze(1) if mask is None else at_label.squeeze(1) * mask
+    return -((1 - beta) * negatives + torch.zeros_like(negatives).scatter_add(1, labels, at_label))
+
+
+def _chunk_sums(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, softmax: bool, beta: float):
+    """``(3, B, C)``: predicted volume, TP and weighted-CE sum of one voxel chunk of logits with index labels."""
+    if softmax:
+        log_p = logits.log_softmax(1)
+        log_1mp, probs = log1m_softmax(log_p), log_p.exp()
+    else:
+        log_p, log_1mp, probs = F.logsigmoid(logits), F.logsigmoid(-logits), torch.sigmoid(logits)
     if mask is not None:
-        at_label = at_label * mask
-    return -((1 - beta) * negatives + torch.zeros_like(negatives).scatter_add(1, encoded.indices, at_label))
+        mask = mask.to(probs)
+    pred_volume = probs.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", probs, mask)
+    at_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    tp = torch.zeros_like(pred_volume).scatter_add(1, labels, at_label if mask is None else at_label * mask)
+    return torch.stack((pred_volume, tp, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
+
+
+# voxels per chunk of the memory-light path: bounds its temporaries to a few MB whatever the volume
+# TODO(core): a public chunked-sums helper in core would serve every voxel-wise term (core's is private)
+_CHUNK_ELEMENTS = 1 << 19
+
+
+class _ChunkedIndexSums(torch.autograd.Function):
+    """``_chunk_sums`` over the whole volume, one chunk at a time, and recomputed chunk by chunk in backward:
+    the only full-size tensor kept or built is the logits' gradient (no probabilities, logs or one-hot)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, mask, softmax, beta):
+        step = max(1024, _CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[1]))
+        ctx.save_for_backward(logits, labels, mask)
+        ctx.softmax, ctx.beta, ctx.step = softmax, beta, step
+        total = None
+        for start in range(0, logits.shape[-1], step):
+            chunk = logits[:, :, start : start + step].to(compute_dtype(logits.dtype)).contiguous()
+            chunk_mask = None if mask is None else mask[:, start : start + step]
+            sums = _chunk_sums(chunk, labels[:, start : start + step], chunk_mask, softmax, beta)
+            total = sums if total is None else total + sums
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        logits, labels, mask = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[-1], ctx.step):
+            with torch.enable_grad():
+                chunk = logits[:, :, start : start + ctx.step].detach().to(compute_dtype(logits.dtype))
+                chunk = chunk.contiguous().requires_grad_()
+                chunk_mask = None if mask is None else mask[:, start : start + ctx.step]
+                sums = _chunk_sums(chunk, labels[:, start : start + ctx.step], chunk_mask, ctx.softmax, ctx.beta)
+                (chunk_grad,) = torch.autograd.grad(sums, chunk, grad_sums)
+            grad[:, :, start : start + ctx.step] = chunk_grad
+        return grad, None, None, None, None
+
+
+def combo_sums(
+    input: torch.Tensor, encoded: EncodedTarget, sigmoid: bool, softmax: bool, other_act: Callable | None, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(TP, FP, FN, wCE sum)`` per image and class ``(B, C)`` over the voxels that count.
+
+    Index targets with a sigmoid / softmax take the chunked path (eager mode; a compiled graph gets the plain
+    formulas, which the compiler fuses itself); everything else the plain path.
+    """
+    mask = None if encoded.mask_weight is None else encoded.mask_weight
+    softmax = softmax and input.shape[1] > 1
+    if encoded.indices is not None and (sigmoid or softmax) and not torch.compiler.is_compiling():
+        check_input(input)
+        pred_volume, tp, cross_entropy = _ChunkedIndexSums.apply(
+            flatten_probs(input), encoded.indices, mask, softmax, beta
+        )
+        counts = torch.ones_like(encoded.indices, dtype=tp.dtype) if mask is None else mask.to(tp)
+        target_volume = torch.zeros_like(tp).scatter_add(1, encoded.indices, counts)
+        return tp, pred_volume - tp, target_volume - tp, cross_entropy
+    probs, log_p, log_1mp = log_likelihoods(input, sigmoid, softmax, other_act)
+    tp, fp, fn = overlap_stats(probs, encoded)
+    return tp, fp, fn, weighted_cross_entropy_sums(log_p, log_1mp, encoded, beta)
 
 
 class ComboLoss(RegionLoss):
@@ -170,16 +251,18 @@ class ComboLoss(RegionLoss):
             a scalar, or the per-class loss ``BN'1[11]`` (``N'1[11]`` with ``batch``) for ``"none"``.
         """
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
-        probs, log_p, log_1mp = log_likelihoods(input, self.sigmoid, self.softmax, self.other_act)
-        tp, fp, fn = overlap_stats(probs, encoded, self.include_background, self.batch)
-        cross_entropy = weighted_cross_entropy_sums(log_p, log_1mp, encoded, self.beta)
-        if not self.include_background and encoded.num_classes > 1:
-            cross_entropy = cross_entropy[:, 1:]
+        tp, fp, fn, cross_entropy = combo_sums(input, encoded, self.sigmoid, self.softmax, self.other_act, self.beta)
+        if not self.include_background:
+            if encoded.num_classes == 1:
+                warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=2)
+            else:
+                tp, fp, fn, cross_entropy = tp[:, 1:], fp[:, 1:], fn[:, 1:], cross_entropy[:, 1:]
         if encoded.mask_weight is None:
-            counted = torch.full_like(cross_entropy[:, :1], probs.shape[-1])
+            counted = torch.full_like(cross_entropy[:, :1], math.prod(input.shape[2:]))
         else:
             counted = encoded.mask_weight.sum(-1, keepdim=True).to(cross_entropy)
         if self.batch:
+            tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
             cross_entropy, counted = cross_entropy.sum(0), counted.sum(0)
         # an image (or batch) with every voxel ignored has a zero sum: 0 / eps = 0, not NaN
         cross_entropy = cross_entropy / counted.clamp_min(torch.finfo(torch.float32).eps)
