@@ -1,0 +1,54 @@
+"""Tests of scripts/benchmark.py's bookkeeping: the markdown blocks, the CPU memory measurement and the case list
+(no timings are asserted)."""
+
+from __future__ import annotations
+
+import torch
+
+from scripts.benchmark import Case, Comparison, loss_cases, peak_extra_bytes, write_block
+from scripts.losses import LOSSES
+
+
+def test_write_block_replaces_only_its_own_block(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nintro\n\n## Metrics\n\nmetrics table\n")
+    write_block(path, "Losses", "losses:cpu", "cpu table v1")
+    write_block(path, "Losses", "losses:cuda", "cuda table")
+    write_block(path, "Losses", "losses:cpu", "cpu table v2")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n## Metrics\n\nmetrics table\n")
+    assert "cpu table v2" in text and "cpu table v1" not in text and "cuda table" in text
+    assert text.count("## Losses") == 1 and text.index("cpu table v2") < text.index("cuda table")
+
+
+def test_write_block_creates_the_file(tmp_path):
+    path = tmp_path / "docs" / "benchmarks.md"
+    write_block(path, "Losses", "losses:cpu", "table")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# Benchmarks" and "## Losses" in lines and "<!-- losses:cpu -->" in lines
+
+
+def test_cpu_peak_memory_counts_live_tensors():
+    logits = torch.randn(256, 1024)
+    size = logits.numel() * logits.element_size()
+    # x * 2 is freed after the sum (a product with a scalar saves nothing), then backward makes the input grad:
+    # never more than one logits-sized tensor alive (plus a few scalars)
+    assert size <= peak_extra_bytes(lambda x, _: (x * 2).sum(), logits, None) < size + 1024
+    # exp and sin are both kept for backward and their product is alive with them: three at once at least
+    assert peak_extra_bytes(lambda x, _: (x.exp() * x.sin()).sum(), logits, None) >= 3 * size
+
+
+def test_every_registry_loss_has_an_anchor():
+    cases, notes = loss_cases(None)
+    names = {case.name.split(" ")[0] for case in cases}
+    aliases = {name for name in LOSSES if any(note.startswith(f"`{name}` is an alias") for note in notes)}
+    assert names | aliases == set(LOSSES)
+    assert not any("no anchor" in note for note in notes)
+
+
+def test_verdict_uses_both_limits():
+    case = Case("dice", "monai DiceLoss", None, None, time_limit=0.7, memory_limit=0.5)
+    assert Comparison(case, [0.6], [1.0], 40, 100).verdict().endswith(": met")
+    assert "not met" in Comparison(case, [0.6], [1.0], 60, 100).verdict()
+    assert "not met" in Comparison(case, [0.8], [1.0], 40, 100).verdict()
+    assert Comparison(Case("focal", "monai FocalLoss", None, None), [2.0], [1.0], 1, 1).verdict() == ""
