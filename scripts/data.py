@@ -192,7 +192,7 @@ def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = 
         print(f"dataset_dir {root} is missing or empty: generating the synthetic CT phantom there ...", flush=True)
         try:
             generate(root, **phantom_kwargs)
-        except PermissionError as error:
+        except OSError as error:  # no permission, a file in the way, a read-only or full disk
             raise DatasetError(f"dataset_dir {root} is missing or empty and the phantom cannot be written there "
                                f"({error}); pass --dataset_dir <writable folder or existing dataset>.") from None
     if check:

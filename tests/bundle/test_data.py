@@ -1,0 +1,125 @@
+"""Dataset checks that run before training: each bad input stops with one message naming the file or value."""
+
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from bundle_helpers import make_tiny_phantom
+
+from scripts.data import DatasetError, check_case, inference_datalist, load_datalist, prepare_dataset
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return make_tiny_phantom(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture
+def dataset(phantom, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(phantom, copy)
+    return copy
+
+
+def _first(dataset, key):
+    return dataset / json.loads((dataset / "dataset.json").read_text())["training"][0][key]
+
+
+def test_good_dataset_passes_and_splits(dataset):
+    assert prepare_dataset(dataset, generate_if_missing=False) == str(dataset)
+    assert len(load_datalist(dataset, "training")) == 2 and len(load_datalist(dataset, "validation")) == 1
+
+
+def test_msd_file_without_validation_list_holds_out_the_last_fifth(dataset):
+    content = json.loads((dataset / "dataset.json").read_text())
+    content["training"] = content["training"] * 5  # 10 entries
+    del content["validation"]
+    (dataset / "dataset.json").write_text(json.dumps(content))
+    training, validation = load_datalist(dataset, "training"), load_datalist(dataset, "validation")
+    assert (len(training), len(validation)) == (8, 2)
+    assert validation == [{k: str((dataset / v).resolve()) for k, v in item.items()} for item in content["training"][-2:]]
+
+
+def test_missing_dir_is_generated(tmp_path):
+    target = tmp_path / "new"
+    prepare_dataset(target, num_cases=2, num_validation=1, spacing_scale=3.0)
+    assert (target / "dataset.json").is_file()
+
+
+@pytest.mark.parametrize("make_empty", [False, True])
+def test_missing_or_empty_dir_without_generation(tmp_path, make_empty):
+    target = tmp_path / "absent"
+    if make_empty:
+        target.mkdir()
+    with pytest.raises(DatasetError, match=f"dataset_dir {target} is missing or empty"):
+        prepare_dataset(target, generate_if_missing=False)
+
+
+def test_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DatasetError, match="cannot be written there"):
+        prepare_dataset(blocker / "phantom", num_cases=2, num_validation=1)
+
+
+def test_dataset_json_pointing_at_missing_file(dataset):
+    _first(dataset, "label").unlink()
+    with pytest.raises(DatasetError, match=r"label file .*phantom_000\.nii\.gz listed in dataset.json does not exist"):
+        prepare_dataset(dataset, generate_if_missing=False)
+
+
+def test_corrupt_nifti(dataset):
+    path = _first(dataset, "image")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated download
+    with pytest.raises(DatasetError, match=rf"image file {path} is not a readable NIfTI"):
+        prepare_dataset(dataset, generate_if_missing=False)
+
+
+def test_not_a_nifti_at_all(dataset):
+    path = _first(dataset, "image")
+    path.write_bytes(gzip.compress(b"hello"))
+    with pytest.raises(DatasetError, match="is not a readable NIfTI"):
+        prepare_dataset(dataset, generate_if_missing=False)
+
+
+def test_shape_mismatch(dataset):
+    path = _first(dataset, "label")
+    label = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj)[:-1], label.affine), path)
+    with pytest.raises(DatasetError, match=r"has shape \(\d+, \d+, \d+\) but its label .* has shape"):
+        prepare_dataset(dataset, generate_if_missing=False)
+
+
+@pytest.mark.parametrize("bad_value", [14, 255, -1, 2.5])
+def test_labels_outside_btcv_range(dataset, bad_value):
+    path = _first(dataset, "label")
+    label = nib.load(path)
+    data = np.asanyarray(label.dataobj).astype(np.float32)
+    data[0, 0, 0] = bad_value
+    nib.save(nib.Nifti1Image(data, label.affine), path)
+    with pytest.raises(DatasetError, match=rf"label {path} has values \[{float(bad_value)}\] outside .* 0\.\.13"):
+        check_case({"image": str(_first(dataset, "image")), "label": str(path)})
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"training": []}), json.dumps({"labels": {}})])
+def test_unreadable_dataset_json(dataset, content):
+    (dataset / "dataset.json").write_text(content)
+    with pytest.raises(DatasetError, match="dataset.json"):
+        prepare_dataset(dataset, generate_if_missing=False)
+
+
+def test_inference_datalist_sources(dataset, tmp_path):
+    images = sorted(str(p.resolve()) for p in (dataset / "imagesTr").glob("*.nii.gz"))
+    assert [d["image"] for d in inference_datalist(dataset / "imagesTr")] == images
+    assert [d["image"] for d in inference_datalist(dataset)] == images[-1:]  # the validation list
+    assert inference_datalist(images[0]) == [{"image": images[0]}]
+    (tmp_path / "list.json").write_text(json.dumps([images[1], {"image": images[2]}]))
+    assert [d["image"] for d in inference_datalist(tmp_path / "list.json")] == images[1:]
+    with pytest.raises(DatasetError, match="does not exist"):
+        inference_datalist(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no .nii"):
+        inference_datalist(tmp_path / "empty")
