@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scripts.losses import LOSSES, get_loss
 from scripts.losses.core import LossInputError
@@ -224,6 +225,26 @@ def test_single_channel_hinge_is_berman_binary_case():
     for per_image in (True, False):
         value = LovaszHingeLoss(per_image=per_image)(logits, target)
         torch.testing.assert_close(value, reference("hinge", logits, target, False, per_image=per_image), **TOL)
+
+
+class CountSorts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.sorts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.sorts += func.overloadpacket in (torch.ops.aten.sort, torch.ops.aten.argsort)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("cls", [LovaszSoftmaxLoss, LovaszHingeLoss])
+def test_one_sort_for_all_images_and_classes(cls, per_image):
+    logits, target, ignore_index = make_batch((4, 5, 3), 4, 3, True, "sentinel")
+    logits.requires_grad_(True)
+    with CountSorts() as counter:
+        cls(to_onehot_y=True, per_image=per_image, ignore_index=ignore_index)(logits, target).backward()
+    assert counter.sorts == 1
 
 
 def test_registry_names():
