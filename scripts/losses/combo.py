@@ -143,7 +143,7 @@ def combo_sums(
     Index targets with a sigmoid / softmax take the chunked path (eager mode; a compiled graph gets the plain
     formulas, which the compiler fuses itself); everything else the plain path.
     """
-    mask = None if encoded.mask_weight is None else encoded.mask_weight
+    mask = encoded.mask_weight
     softmax = softmax and input.shape[1] > 1
     if encoded.indices is not None and (sigmoid or softmax) and not torch.compiler.is_compiling():
         check_input(input)
@@ -174,8 +174,8 @@ class ComboLoss(RegionLoss):
     and the loss is >= 0 and comparable with ``DiceLoss``. The paper's add-one smoothing is ``smooth_nr =
     smooth_dr = 1``; the defaults here are MONAI's 1e-5. Each channel is a one-vs-rest binary problem, with ``p``
     from a sigmoid per channel or a softmax over channels; ``log p`` and ``log(1 - p)`` come from log-sigmoid /
-    log-softmax, so the loss is finite for any finite logits (the seed post's ``log(p + 1e-9)`` is not: 1e-9
-    vanishes next to 1 in float32).
+    log-softmax, so the loss is finite for any finite logits (the seed post's ``clamp(p, 1e-9, 1 - 1e-9)`` is not:
+    ``1 - 1e-9`` rounds to 1 in float32, so a saturated sigmoid gives ``log(0)``).
 
     ``input`` is ``BNH[WD]``; ``target`` ``BNH[WD]`` (one-hot or soft) or ``B1H[WD]`` class indices with
     ``to_onehot_y=True`` (never one-hot encoded here: gather / scatter_add).
