@@ -276,7 +276,7 @@ def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
 
 
 # Voxels per chunk in the fused path: bounds its temporaries to about 4 MB whatever the volume.
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def _voxel_chunks(num_voxels: int, rows: int) -> list[tuple[int, int]]:
@@ -284,22 +284,28 @@ def _voxel_chunks(num_voxels: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
 
 
-def _activate_chunk(logits: torch.Tensor, activation: str) -> torch.Tensor:
-    # a voxel slice is strided over the classes; CPU softmax is several times slower on such a view
-    probs = logits.to(compute_dtype(logits.dtype)).contiguous()
+def _chunk_probs(logits: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Activate a ``(B, C, n)`` voxel slice of the logits in the compute dtype, into ``out`` if given.
+
+    Elementwise ops and reductions only: CPU softmax is several times slower on a voxel slice, which is
+    strided over the classes.
+    """
+    dtype = compute_dtype(logits.dtype)
     if activation == "softmax":
-        return torch.softmax(probs, 1)
+        probs = torch.sub(logits, logits.amax(1, keepdim=True).to(dtype), out=out).exp_()
+        return probs.div_(probs.sum(1, keepdim=True))
     if activation == "sigmoid":
-        return torch.sigmoid(probs)
-    return probs
+        return torch.sigmoid(logits.to(dtype), out=out)
+    return logits.to(dtype)
 
 
 class _FusedIndexOverlap(torch.autograd.Function):
     """``(sum_n m p^k, sum_n m p[target])`` per image and class from logits and index targets.
 
-    Neither the probabilities nor their gradient are kept at full size: both passes walk the volume in
-    chunks and the backward recomputes the activation, so the only full-size tensor is the logits'
-    gradient itself (MONAI keeps probabilities, a one-hot target and several products alive).
+    Memory: the forward walks the volume in chunks of voxels and writes the probabilities into the buffer
+    that the backward turns, in place, into the logits' gradient; so beyond that gradient (which any loss
+    allocates) only chunk-sized temporaries exist. MONAI keeps probabilities, a one-hot target and several
+    products of the same size alive.
     """
 
     @staticmethod
@@ -308,45 +314,68 @@ class _FusedIndexOverlap(torch.autograd.Function):
         dtype = compute_dtype(logits.dtype)
         pred_volume = logits.new_zeros((batch, classes), dtype=dtype)
         tp = logits.new_zeros((batch, classes), dtype=dtype)
+        keep = ctx.needs_input_grad[0] and activation != "none"
+        store = torch.empty(logits.shape, dtype=dtype, device=logits.device) if keep else None
         for start, stop in _voxel_chunks(num_voxels, batch * classes):
-            probs = _activate_chunk(logits[:, :, start:stop], activation)
-            chunk_indices = indices[:, start:stop].contiguous()
-            at_target = probs.gather(1, chunk_indices.unsqueeze(1)).squeeze(1)
+            out = None if store is None else store[:, :, start:stop]
+            probs = _chunk_probs(logits[:, :, start:stop], activation, out)
+            chunk_indices = indices[:, start:stop].unsqueeze(1).contiguous()  # gather is 2x slower on a strided index
+            at_target = probs.gather(1, chunk_indices)
             powered = probs.square() if power == 2 else probs
             if mask_weight is None:
                 pred_volume += powered.sum(-1)
             else:
-                chunk_weight = mask_weight[:, start:stop].to(dtype)
-                pred_volume += torch.bmm(powered, chunk_weight.unsqueeze(-1)).squeeze(-1)
-                at_target = at_target * chunk_weight
-            tp.scatter_add_(1, chunk_indices, at_target)
+                chunk_weight = mask_weight[:, start:stop].unsqueeze(-1).to(dtype)
+                pred_volume += torch.bmm(powered, chunk_weight).squeeze(-1)
+                at_target *= chunk_weight.transpose(1, 2)
+            tp.scatter_add_(1, chunk_indices.squeeze(1), at_target.squeeze(1))
         ctx.save_for_backward(logits, indices, mask_weight)
-        ctx.activation, ctx.power = activation, power
+        ctx.store, ctx.activation, ctx.power = store, activation, power
         return pred_volume, tp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pred_volume, grad_tp):
         logits, indices, mask_weight = ctx.saved_tensors
         batch, classes, num_voxels = logits.shape
-        grad = torch.empty_like(logits)
+        dtype = compute_dtype(logits.dtype)
+        grad, ctx.store = ctx.store, None  # the probabilities are overwritten below
+        # a second backward through the same graph (retain_graph, gradcheck) recomputes them
+        recompute = grad is None and ctx.activation != "none"
+        if grad is None:
+            grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        volume_coef = grad_pred_volume.unsqueeze(-1)  # (B, C, 1)
         for start, stop in _voxel_chunks(num_voxels, batch * classes):
-            probs = _activate_chunk(logits[:, :, start:stop], ctx.activation)
             chunk_indices = indices[:, start:stop].unsqueeze(1).contiguous()
-            # d loss / d p: the volume term everywhere, plus the tp term at each voxel's own class
-            if ctx.power == 2:
-                grad_probs = probs * (2 * grad_pred_volume).unsqueeze(-1)
+            # d loss / d p[c, n] = volume_term[c, n] + (c == target[n]) * target_term[n]
+            target_term = grad_tp.gather(1, chunk_indices.squeeze(1)).unsqueeze(1)
+            chunk_grad = grad[:, :, start:stop]
+            if recompute:
+                _chunk_probs(logits[:, :, start:stop], ctx.activation, chunk_grad)
+            if ctx.activation == "none":
+                chunk_grad.copy_(volume_coef if ctx.power == 1 else 2 * volume_coef * logits[:, :, start:stop])
             else:
-                grad_probs = grad_pred_volume.unsqueeze(-1).expand_as(probs).clone()
-            grad_probs.scatter_add_(1, chunk_indices, grad_tp.unsqueeze(-1).expand_as(probs).gather(1, chunk_indices))
+                probs = chunk_grad  # the forward's probabilities, turned into the gradient in place
+                volume_term = volume_coef if ctx.power == 1 else probs * (2 * volume_coef)
+                if ctx.activation == "softmax":
+                    # softmax backward: p_c (dp_c - sum_k p_k dp_k)
+                    at_target = probs.gather(1, chunk_indices)
+                    if ctx.power == 1:
+                        dot = torch.bmm(grad_pred_volume.unsqueeze(1), probs)
+                    else:
+                        dot = (probs * volume_term).sum(1, keepdim=True)
+                    target_term = target_term * at_target
+                    probs.mul_(volume_term - (dot + target_term))
+                else:  # sigmoid: p (1 - p) dp
+                    slope = probs.addcmul_(probs, probs, value=-1)
+                    target_term = target_term * slope.gather(1, chunk_indices)
+                    slope.mul_(volume_term)
             if mask_weight is not None:
-                grad_probs *= mask_weight[:, start:stop].unsqueeze(1).to(probs.dtype)
-            if ctx.activation == "softmax":
-                grad_probs -= (probs * grad_probs).sum(1, keepdim=True)
-                grad_probs *= probs
-            elif ctx.activation == "sigmoid":
-                grad_probs *= probs * (1 - probs)
-            grad[:, :, start:stop] = grad_probs
-        return grad, None, None, None, None
+                weight = mask_weight[:, start:stop].unsqueeze(1).to(dtype)
+                chunk_grad *= weight
+                target_term = target_term * weight
+            chunk_grad.scatter_add_(1, chunk_indices, target_term)
+        return grad.to(logits.dtype), None, None, None, None
 
 
 def activated_overlap_stats(

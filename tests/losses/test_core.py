@@ -257,8 +257,9 @@ def test_fused_stats_equal_unfused_in_values_and_gradients(monkeypatch, activati
 
 @pytest.mark.parametrize("to_onehot_y", [True, False])
 def test_no_full_size_float_tensor_is_kept_for_index_targets(to_onehot_y):
-    """Memory: with index targets autograd keeps no B x C x N float tensor besides the logits themselves
-    (no one-hot copy, no probabilities); a dense target necessarily keeps some (control)."""
+    """Memory: with index targets autograd saves no B x C x N float tensor besides the logits themselves
+    (no one-hot copy; the probabilities live in the buffer that becomes the gradient); a dense target
+    necessarily saves some (control)."""
     from scripts.losses import DiceLoss
 
     logits, labels = labels_and_logits(shape=(2, 5, 8, 7, 6), dtype=torch.float32)
@@ -303,3 +304,16 @@ def test_safe_pow_is_zero_with_zero_gradient_at_zero_and_keeps_nan():
     (grad,) = torch.autograd.grad(value[:4].sum(), base)
     torch.testing.assert_close(grad[:4], torch.tensor([0.0, 0.75 * 0.25**-0.25, 0.75, 0.0], dtype=torch.float64))
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_fused_path_supports_a_second_backward_through_the_graph(activation):
+    """The forward's probabilities become the gradient in place; a retained graph must recompute them."""
+    logits, labels = labels_and_logits(shape=(2, 3, 6, 5), seed=6)
+    logits.requires_grad_(True)
+    encoded = encode_target(logits, labels, True, None)
+    tp, fp, fn = activated_overlap_stats(logits, encoded, **{activation: True})
+    total = (tp - 2 * fp + 0.5 * fn).sum()
+    (first,) = torch.autograd.grad(total, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(total, logits)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
