@@ -49,7 +49,9 @@ def cross_entropy_term(
     """
     if labels is not None:
         ignore = -100 if ignore_index is None else ignore_index
-        per_voxel = F.cross_entropy(logits, labels, weight, ignore_index=ignore, reduction="none", label_smoothing=label_smoothing)
+        per_voxel = F.cross_entropy(
+            logits, labels, weight, ignore_index=ignore, reduction="none", label_smoothing=label_smoothing
+        )
         counts = torch.ones_like(per_voxel) if weight is None else weight[encoded.indices]
         if encoded.mask is not None:
             counts = counts * encoded.mask

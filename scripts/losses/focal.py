@@ -41,7 +41,9 @@ def _softmax_alpha(alpha: Alpha, num_channels: int, like: torch.Tensor) -> torch
     return torch.tensor([1 - alpha] + [alpha] * (num_channels - 1), dtype=like.dtype, device=like.device)
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: Alpha = None) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: Alpha = None
+) -> torch.Tensor:
     """Element-wise sigmoid focal loss ``-alpha_t (1 - p_t)^gamma log(p_t)`` (Lin et al. 2017, eq. 5).
 
     Args:
@@ -63,7 +65,9 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float 
     return loss * (target * alpha + (1 - target) * (1 - alpha))
 
 
-def softmax_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: Alpha = None) -> torch.Tensor:
+def softmax_focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: Alpha = None
+) -> torch.Tensor:
     """Element-wise softmax focal loss ``-alpha_c (1 - p_c)^gamma t_c log(p_c)`` over the channels of ``logits``.
 
     ``alpha``: None; a float (``1 - alpha`` for channel 0, ``alpha`` for the others); or a ``(C,)`` tensor.

@@ -59,7 +59,7 @@ def test_hand_computed_binary_value():
 
 
 def test_hand_computed_multiclass_value():
-    """Softmax over three classes, each class one-vs-rest: the mean over classes of alpha wCE_c + (1 - alpha)(1 - Dice_c)."""
+    """Softmax over three classes, each one-vs-rest: the class mean of alpha wCE_c + (1 - alpha)(1 - Dice_c)."""
     logits = [[1.0, 0.2, -0.5], [0.0, 2.0, 0.3], [-1.0, 0.5, 1.5]]  # [voxel][class]
     labels = [0, 1, 1]
     alpha, beta = 0.3, 0.8
@@ -103,7 +103,9 @@ def reference(probs, onehot, valid, alpha, beta, include_background, batch, weig
     return {"mean": per_class.mean(), "sum": per_class.sum(), "none": per_class}[reduction]
 
 
-GRID = list(itertools.product([True, False], [False, True], ["mean", "sum", "none"], [None, SENTINEL, 1], [False, True]))
+GRID = list(
+    itertools.product([True, False], [False, True], ["mean", "sum", "none"], [None, SENTINEL, 1], [False, True])
+)  # include_background, batch, reduction, ignore_index, weighted
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax", None])
@@ -121,7 +123,8 @@ def test_equals_dense_reference(spatial, kind, activation):
         valid = torch.ones_like(labels) if ignore_index is None else labels != ignore_index
         if activation is None:
             logits = torch.rand(logits.shape, generator=generator) * 0.98 + 0.01  # probabilities
-        probs = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, 1), None: lambda x: x}[activation](logits)
+        activate = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, 1), None: lambda x: x}
+        probs = activate[activation](logits)
         weight = [0.5, 2.0, 1.5][(0 if include_background else 1):] if weighted else None
         kwargs = dict(
             include_background=include_background, to_onehot_y=kind == "index", sigmoid=activation == "sigmoid",
@@ -135,7 +138,9 @@ def test_equals_dense_reference(spatial, kind, activation):
     assert not mismatches, mismatches[:3]
 
 
-@pytest.mark.parametrize("kwargs", [dict(to_onehot_y=True, softmax=True), dict(sigmoid=True, batch=True, weight=[1.0, 2.0, 3.0])])
+@pytest.mark.parametrize(
+    "kwargs", [dict(to_onehot_y=True, softmax=True), dict(sigmoid=True, batch=True, weight=[1.0, 2.0, 3.0])]
+)
 def test_alpha_zero_is_monai_dice(kwargs):
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 3, 4, 5, 3, generator=generator)
@@ -169,7 +174,8 @@ def test_log1m_softmax_is_accurate_and_finite():
 def test_finite_for_huge_logits(activation):
     """The seed post's log(p + 1e-9) saturates in float32; log-sigmoid / log-softmax stay finite, gradient too."""
     for scale in (50.0, 1e4, 1e30):
-        logits = (scale * torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0]])).t().reshape(1, 2, 3, 1).requires_grad_()
+        logits = scale * torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0]])
+        logits = logits.t().reshape(1, 2, 3, 1).requires_grad_()
         labels = torch.tensor([0, 0, 1]).reshape(1, 1, 3, 1)  # two confidently wrong voxels
         loss = ComboLoss(to_onehot_y=True, **{activation: True})
         value = loss(logits, labels)
@@ -275,7 +281,8 @@ def test_half_precision_equals_float32(dtype, activation):
 def test_all_ignored_is_finite_with_zero_gradient(reduction, batch):
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     labels = torch.full((2, 1, 4, 4), SENTINEL)
-    value = ComboLoss(to_onehot_y=True, softmax=True, ignore_index=SENTINEL, reduction=reduction, batch=batch)(logits, labels)
+    loss = ComboLoss(to_onehot_y=True, softmax=True, ignore_index=SENTINEL, reduction=reduction, batch=batch)
+    value = loss(logits, labels)
     value.sum().backward()
     assert torch.isfinite(value).all()
     assert torch.count_nonzero(logits.grad) == 0

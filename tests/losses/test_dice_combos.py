@@ -20,6 +20,9 @@ from scripts.losses.dice_combos import DiceBCELoss, DiceCELoss, DiceFocalLoss
 
 SENTINEL = 255
 TOL = {"rtol": 1e-5, "atol": 1e-6}
+WEIGHTED_DICE_CE = DiceCELoss(
+    to_onehot_y=True, softmax=True, weight=[0.5, 1.0, 2.0], label_smoothing=0.1, ignore_index=SENTINEL
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -161,7 +164,9 @@ def test_dice_ce_ignore_index_equals_monai_dice_plus_torch_ce(ignore_index, redu
         include_background=include_background, to_onehot_y=True, softmax=True, reduction=reduction,
         weight=weight if include_background else weight[1:], ignore_index=ignore_index,
     )
-    cross_entropy = torch.nn.CrossEntropyLoss(weight, reduction=reduction, label_smoothing=0.05, ignore_index=ignore_index)
+    cross_entropy = torch.nn.CrossEntropyLoss(
+        weight, reduction=reduction, label_smoothing=0.05, ignore_index=ignore_index
+    )
     expected = 0.4 * dice(logits, labels) + cross_entropy(logits, labels[:, 0])
     torch.testing.assert_close(ours(logits, labels), expected, **TOL)
 
@@ -184,7 +189,9 @@ def test_dice_ce_ignore_index_dense_target_drops_voxels(num_classes):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_dice_focal_ignore_index_equals_monai_terms(use_softmax, reduction):
     logits, labels = make_case((4, 5, 3), 3, "index", ignore_index=SENTINEL, seed=5)
-    common = dict(include_background=False, to_onehot_y=True, reduction=reduction, weight=[2.0, 0.5], ignore_index=SENTINEL)
+    common = dict(
+        include_background=False, to_onehot_y=True, reduction=reduction, weight=[2.0, 0.5], ignore_index=SENTINEL
+    )
     ours = DiceFocalLoss(softmax=True, gamma=1.0, alpha=[0.3, 0.7], use_softmax=use_softmax, lambda_focal=2.0, **common)
     dice = monai.losses.DiceLoss(softmax=True, **common)
     focal = monai.losses.FocalLoss(gamma=1.0, alpha=[0.3, 0.7], use_softmax=use_softmax, **common)
@@ -218,7 +225,7 @@ def test_label_smoothing_on_one_channel_warns():
 @pytest.mark.parametrize(
     "loss, kind, num_classes",
     [
-        (DiceCELoss(to_onehot_y=True, softmax=True, weight=[0.5, 1.0, 2.0], label_smoothing=0.1, ignore_index=SENTINEL), "index", 3),
+        (WEIGHTED_DICE_CE, "index", 3),
         (DiceCELoss(softmax=True, batch=True, ignore_index=1), "soft", 3),
         (DiceBCELoss(sigmoid=True, weight=[3.0], ignore_index=SENTINEL, reduction="sum"), "onehot", 1),
         (DiceFocalLoss(to_onehot_y=True, softmax=True, use_softmax=True, gamma=0.5, ignore_index=SENTINEL), "index", 3),
@@ -235,7 +242,7 @@ def test_gradcheck(loss, kind, num_classes):
 @pytest.mark.parametrize(
     "loss, kind",
     [
-        (DiceCELoss(to_onehot_y=True, softmax=True, weight=[0.5, 1.0, 2.0], label_smoothing=0.1, ignore_index=SENTINEL), "index"),
+        (WEIGHTED_DICE_CE, "index"),
         (DiceCELoss(softmax=True, ignore_index=SENTINEL), "onehot"),
         (DiceFocalLoss(to_onehot_y=True, softmax=True, alpha=0.25, ignore_index=SENTINEL, reduction="none"), "index"),
     ],

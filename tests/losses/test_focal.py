@@ -209,7 +209,8 @@ def test_half_precision_equals_float32(dtype, use_softmax):
 def test_all_ignored_is_finite_with_zero_gradient(use_softmax, reduction):
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     labels = torch.full((2, 1, 4, 4), SENTINEL)
-    value = FocalLoss(to_onehot_y=True, use_softmax=use_softmax, ignore_index=SENTINEL, reduction=reduction)(logits, labels)
+    loss = FocalLoss(to_onehot_y=True, use_softmax=use_softmax, ignore_index=SENTINEL, reduction=reduction)
+    value = loss(logits, labels)
     value.sum().backward()
     assert torch.isfinite(value).all() and float(value.detach().sum()) == 0.0
     assert torch.count_nonzero(logits.grad) == 0
