@@ -125,7 +125,7 @@ class _ChunkedIndexSums(torch.autograd.Function):
         logits, labels, mask = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[-1], ctx.step):
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
                 chunk = logits[:, :, start : start + ctx.step].detach().to(compute_dtype(logits.dtype))
                 chunk = chunk.contiguous().requires_grad_()
                 chunk_mask = None if mask is None else mask[:, start : start + ctx.step]
@@ -250,6 +250,11 @@ class ComboLoss(RegionLoss):
         Returns:
             a scalar, or the per-class loss ``BN'1[11]`` (``N'1[11]`` with ``batch``) for ``"none"``.
         """
+        # autocast would run the masked sums (einsum) in half precision: the loss is float32 by design
+        with torch.autocast(input.device.type, enabled=False):
+            return self._forward(input, target)
+
+    def _forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
         tp, fp, fn, cross_entropy = combo_sums(input, encoded, self.sigmoid, self.softmax, self.other_act, self.beta)
         if not self.include_background:

@@ -185,8 +185,10 @@ class DiceCELoss(torch.nn.Module):
             input: ``BNH[WD]`` logits, any floating dtype.
             target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
         """
-        # for reduction="none" the per-class Dice BN'1[11] broadcasts against the per-voxel CE B1H[WD]
-        return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.cross_entropy(input, target)
+        # for reduction="none" the per-class Dice BN'1[11] broadcasts against the per-voxel CE B1H[WD];
+        # autocast would run the Dice sums (bmm) in half precision: the loss is float32 by design
+        with torch.autocast(input.device.type, enabled=False):
+            return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.cross_entropy(input, target)
 
     def cross_entropy(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The CE term alone (softmax CE for N > 1 channels, BCE for one), reduced as ``reduction``."""
@@ -312,4 +314,5 @@ class DiceFocalLoss(torch.nn.Module):
             input: ``BNH[WD]`` logits, any floating dtype.
             target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
         """
-        return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)
+        with torch.autocast(input.device.type, enabled=False):  # float32 sums, as in DiceCELoss
+            return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)

@@ -205,6 +205,11 @@ class FocalLoss(torch.nn.Module):
         Returns:
             a scalar, or for ``"none"`` the element-wise loss ``BN'H[WD]`` (N' = N - 1 without background).
         """
+        # autocast would run the masked sums (einsum) in half precision: the loss is float32 by design
+        with torch.autocast(input.device.type, enabled=False):
+            return self._forward(input, target)
+
+    def _forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
         logits = flatten_probs(input.to(compute_dtype(input.dtype)))
         drop_background = not self.include_background

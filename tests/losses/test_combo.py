@@ -276,6 +276,23 @@ def test_half_precision_equals_float32(dtype, activation):
     torch.testing.assert_close(value, loss(logits.float(), labels), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_autocast_does_not_lower_precision(activation):
+    """Under autocast the masked sums (einsum) would run in bfloat16, in forward and in the chunked backward."""
+    logits = torch.randn(2, 4, 8, 8, 8)
+    labels = torch.randint(0, 4, (2, 1, 8, 8, 8)).masked_fill(torch.rand(2, 1, 8, 8, 8) < 0.2, SENTINEL)
+    loss = ComboLoss(to_onehot_y=True, ignore_index=SENTINEL, **{activation: True})
+    expected_input, autocast_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    expected = loss(expected_input, labels)
+    expected.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(autocast_input, labels)
+        value.backward()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    torch.testing.assert_close(autocast_input.grad, expected_input.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_is_finite_with_zero_gradient(reduction, batch):

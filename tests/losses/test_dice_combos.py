@@ -265,6 +265,17 @@ def test_half_precision_equals_float32(cls, dtype):
     torch.testing.assert_close(value, loss(low.float(), labels), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("cls", [DiceCELoss, DiceFocalLoss])
+def test_autocast_does_not_lower_precision(cls):
+    """Under autocast the Dice sums (bmm) would run in bfloat16; the loss keeps float32 instead."""
+    logits, labels = make_case((8, 8, 8), 4, "index", ignore_index=SENTINEL)
+    loss = cls(to_onehot_y=True, softmax=True, ignore_index=SENTINEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(logits, labels)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, loss(logits, labels), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("cls", [DiceCELoss, DiceFocalLoss])
 def test_all_ignored_is_finite_with_zero_gradient(cls, reduction):

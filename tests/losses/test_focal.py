@@ -205,6 +205,17 @@ def test_half_precision_equals_float32(dtype, use_softmax):
 
 
 @pytest.mark.parametrize("use_softmax", [False, True])
+def test_autocast_does_not_lower_precision(use_softmax):
+    """Under autocast the masked sums (einsum) would run in bfloat16; the loss keeps float32 instead."""
+    logits, labels = make_case((8, 8, 8), 4, "index", SENTINEL)
+    loss = FocalLoss(to_onehot_y=True, use_softmax=use_softmax, ignore_index=SENTINEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(logits, labels)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, loss(logits, labels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_softmax", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_is_finite_with_zero_gradient(use_softmax, reduction):
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
