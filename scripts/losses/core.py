@@ -275,106 +275,98 @@ def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
     return probs.reshape(probs.shape[0], probs.shape[1], -1)
 
 
-# Voxels per chunk in the fused path: bounds its temporaries to about 4 MB whatever the volume.
-_CHUNK_ELEMENTS = 1 << 21
+# The backward of a softmax needs one temporary the size of the slice it works on; walking the volume in
+# this many chunks bounds it to a quarter of the logits while keeping the number of ops small (on a busy
+# CPU each op is a thread synchronisation).
+_BACKWARD_CHUNKS = 4
 
 
-def _voxel_chunks(num_voxels: int, rows: int) -> list[tuple[int, int]]:
-    size = max(1024, _CHUNK_ELEMENTS // max(rows, 1) // 1024 * 1024)
+def _voxel_chunks(num_voxels: int) -> list[tuple[int, int]]:
+    size = max(1024, -(-num_voxels // _BACKWARD_CHUNKS))
     return [(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
 
 
-def _chunk_probs(logits: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Activate a ``(B, C, n)`` voxel slice of the logits in the compute dtype, into ``out`` if given.
-
-    Elementwise ops and reductions only: CPU softmax is several times slower on a voxel slice, which is
-    strided over the classes.
-    """
-    dtype = compute_dtype(logits.dtype)
+def _activate_into(logits: torch.Tensor, activation: str, out: torch.Tensor, mask_weight: torch.Tensor | None):
+    """Write the (masked) activation of ``(B, C, N)`` logits into ``out`` without other full-size tensors."""
     if activation == "softmax":
-        probs = torch.sub(logits, logits.amax(1, keepdim=True).to(dtype), out=out).exp_()
-        return probs.div_(probs.sum(1, keepdim=True))
-    if activation == "sigmoid":
-        return torch.sigmoid(logits.to(dtype), out=out)
-    return logits.to(dtype)
+        torch.sub(logits, logits.amax(1, keepdim=True).to(out.dtype), out=out).exp_()
+        out.div_(out.sum(1, keepdim=True))
+    elif activation == "sigmoid":
+        torch.sigmoid(logits.to(out.dtype), out=out)
+    else:
+        out.copy_(logits)
+    if mask_weight is not None:
+        out.mul_(mask_weight.unsqueeze(1).to(out.dtype))
+    return out
 
 
 class _FusedIndexOverlap(torch.autograd.Function):
-    """``(sum_n m p^k, sum_n m p[target])`` per image and class from logits and index targets.
+    """``(sum_n m p^k, sum_n m p[target])`` per image and class from logits and index targets (mask m in {0, 1}).
 
-    Memory: the forward walks the volume in chunks of voxels and writes the probabilities into the buffer
-    that the backward turns, in place, into the logits' gradient; so beyond that gradient (which any loss
-    allocates) only chunk-sized temporaries exist. MONAI keeps probabilities, a one-hot target and several
-    products of the same size alive.
+    Memory: the forward writes the masked probabilities into one buffer, which the backward turns, in place,
+    into the logits' gradient; so beyond that gradient (which any loss allocates) only per-voxel vectors and
+    one quarter-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
+    the same size alive. Masked voxels hold p = 0, which zeroes their gradient for every activation.
     """
 
     @staticmethod
     def forward(ctx, logits, indices, mask_weight, activation, power):
-        batch, classes, num_voxels = logits.shape
         dtype = compute_dtype(logits.dtype)
-        pred_volume = logits.new_zeros((batch, classes), dtype=dtype)
-        tp = logits.new_zeros((batch, classes), dtype=dtype)
-        keep = ctx.needs_input_grad[0] and activation != "none"
-        store = torch.empty(logits.shape, dtype=dtype, device=logits.device) if keep else None
-        for start, stop in _voxel_chunks(num_voxels, batch * classes):
-            out = None if store is None else store[:, :, start:stop]
-            probs = _chunk_probs(logits[:, :, start:stop], activation, out)
-            chunk_indices = indices[:, start:stop].unsqueeze(1).contiguous()  # gather is 2x slower on a strided index
-            at_target = probs.gather(1, chunk_indices)
-            powered = probs.square() if power == 2 else probs
-            if mask_weight is None:
-                pred_volume += powered.sum(-1)
-            else:
-                chunk_weight = mask_weight[:, start:stop].unsqueeze(-1).to(dtype)
-                pred_volume += torch.bmm(powered, chunk_weight).squeeze(-1)
-                at_target *= chunk_weight.transpose(1, 2)
-            tp.scatter_add_(1, chunk_indices.squeeze(1), at_target.squeeze(1))
+        probs = _activate_into(logits, activation, torch.empty(logits.shape, dtype=dtype, device=logits.device), mask_weight)
+        at_target = probs.gather(1, indices.unsqueeze(1)).squeeze(1)
+        tp = probs.new_zeros(probs.shape[:2]).scatter_add_(1, indices, at_target)
+        # the norm is a reduction without a squared copy (MONAI computes squared_pred the same way)
+        pred_volume = probs.sum(-1) if power == 1 else torch.linalg.vector_norm(probs, 2, -1).square()
         ctx.save_for_backward(logits, indices, mask_weight)
-        ctx.store, ctx.activation, ctx.power = store, activation, power
+        ctx.probs = probs if ctx.needs_input_grad[0] else None
+        ctx.activation, ctx.power = activation, power
         return pred_volume, tp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pred_volume, grad_tp):
         logits, indices, mask_weight = ctx.saved_tensors
-        batch, classes, num_voxels = logits.shape
-        dtype = compute_dtype(logits.dtype)
-        grad, ctx.store = ctx.store, None  # the probabilities are overwritten below
-        # a second backward through the same graph (retain_graph, gradcheck) recomputes them
-        recompute = grad is None and ctx.activation != "none"
-        if grad is None:
-            grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        grad, ctx.probs = ctx.probs, None  # the probabilities are turned into the gradient below
+        if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
+            grad = _activate_into(logits, ctx.activation, torch.empty_like(logits, dtype=grad_tp.dtype), mask_weight)
+        index = indices.unsqueeze(1)
+        # d loss / d p[c, n] = volume_term[c, n] + (c == target[n]) * target_term[n], on voxels that count
         volume_coef = grad_pred_volume.unsqueeze(-1)  # (B, C, 1)
-        for start, stop in _voxel_chunks(num_voxels, batch * classes):
-            chunk_indices = indices[:, start:stop].unsqueeze(1).contiguous()
-            # d loss / d p[c, n] = volume_term[c, n] + (c == target[n]) * target_term[n]
-            target_term = grad_tp.gather(1, chunk_indices.squeeze(1)).unsqueeze(1)
-            chunk_grad = grad[:, :, start:stop]
-            if recompute:
-                _chunk_probs(logits[:, :, start:stop], ctx.activation, chunk_grad)
-            if ctx.activation == "none":
-                chunk_grad.copy_(volume_coef if ctx.power == 1 else 2 * volume_coef * logits[:, :, start:stop])
-            else:
-                probs = chunk_grad  # the forward's probabilities, turned into the gradient in place
-                volume_term = volume_coef if ctx.power == 1 else probs * (2 * volume_coef)
-                if ctx.activation == "softmax":
-                    # softmax backward: p_c (dp_c - sum_k p_k dp_k)
-                    at_target = probs.gather(1, chunk_indices)
-                    if ctx.power == 1:
-                        dot = torch.bmm(grad_pred_volume.unsqueeze(1), probs)
-                    else:
-                        dot = (probs * volume_term).sum(1, keepdim=True)
-                    target_term = target_term * at_target
-                    probs.mul_(volume_term - (dot + target_term))
-                else:  # sigmoid: p (1 - p) dp
-                    slope = probs.addcmul_(probs, probs, value=-1)
-                    target_term = target_term * slope.gather(1, chunk_indices)
-                    slope.mul_(volume_term)
+        target_term = grad_tp.gather(1, indices).unsqueeze(1)  # (B, 1, N)
+        if mask_weight is not None:
+            target_term *= mask_weight.unsqueeze(1)
+        if ctx.activation == "softmax":
+            # p_c (dp_c - sum_k p_k dp_k)
+            target_term *= grad.gather(1, index)
+            if ctx.power == 1:
+                dot = torch.bmm(grad_pred_volume.unsqueeze(1), grad).add_(target_term)
+            for start, stop in _voxel_chunks(grad.shape[-1]):
+                probs = grad[:, :, start:stop]
+                if ctx.power == 1:
+                    probs.mul_(volume_coef - dot[:, :, start:stop])
+                else:
+                    volume_term = probs * (2 * volume_coef)
+                    chunk_dot = (probs * volume_term).sum(1, keepdim=True) + target_term[:, :, start:stop]
+                    probs.mul_(volume_term.sub_(chunk_dot))
+        elif ctx.activation == "sigmoid":
+            # p (1 - p) dp
+            if ctx.power == 1:
+                slope = grad.addcmul_(grad, grad, value=-1)
+                target_term *= slope.gather(1, index)
+                slope.mul_(volume_coef)
+            for start, stop in _voxel_chunks(grad.shape[-1]) if ctx.power == 2 else []:
+                probs = grad[:, :, start:stop]
+                volume_term = probs * (2 * volume_coef)
+                slope = probs.addcmul_(probs, probs, value=-1)
+                target_term[:, :, start:stop] *= slope.gather(1, index[:, :, start:stop])
+                slope.mul_(volume_term)
+        elif ctx.power == 1:
+            grad.copy_(volume_coef.expand_as(grad))
             if mask_weight is not None:
-                weight = mask_weight[:, start:stop].unsqueeze(1).to(dtype)
-                chunk_grad *= weight
-                target_term = target_term * weight
-            chunk_grad.scatter_add_(1, chunk_indices, target_term)
+                grad *= mask_weight.unsqueeze(1)
+        else:
+            grad *= 2 * volume_coef  # grad holds the masked logits: d (m x)^2 / dx = 2 m x
+        grad.scatter_add_(1, index, target_term)
         return grad.to(logits.dtype), None, None, None, None
 
 
