@@ -298,6 +298,17 @@ def test_half_precision_equals_float32(cls, dtype):
     torch.testing.assert_close(value, loss(low.float(), target), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("cls", [LovaszSoftmaxLoss, LovaszHingeLoss])
+def test_autocast_changes_nothing(cls):
+    logits, target, _ = make_batch((6, 5, 4), 4, 2, True, "sentinel")
+    low = logits.bfloat16()
+    loss = cls(to_onehot_y=True, ignore_index=SENTINEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(low, target)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, loss(low.float(), target), rtol=1e-6, atol=0)
+
+
 # ------------------------------------------------------------------ properties
 
 
