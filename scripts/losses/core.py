@@ -276,9 +276,9 @@ def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
 
 
 # The backward of a softmax needs one temporary the size of the slice it works on; walking the volume in
-# this many chunks bounds it to a quarter of the logits while keeping the number of ops small (on a busy
+# this many chunks bounds it to an eighth of the logits while keeping the number of ops small (on a busy
 # CPU each op is a thread synchronisation).
-_BACKWARD_CHUNKS = 4
+_BACKWARD_CHUNKS = 8
 
 
 def _voxel_chunks(num_voxels: int) -> list[tuple[int, int]]:
@@ -305,7 +305,7 @@ class _FusedIndexOverlap(torch.autograd.Function):
 
     Memory: the forward writes the masked probabilities into one buffer, which the backward turns, in place,
     into the logits' gradient; so beyond that gradient (which any loss allocates) only per-voxel vectors and
-    one quarter-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
+    one eighth-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
     the same size alive. Masked voxels hold p = 0, which zeroes their gradient for every activation.
     """
 
