@@ -8,10 +8,14 @@
 # server-side packages. MONAI Label is installed with --no-deps plus only what BundleInferTask / BundleTrainTask /
 # LocalDatastore import (found by importing them in a clean environment until nothing was missing).
 #
-# usage: bash .ci/install-monailabel.sh [VENV_DIR]   (default .venv-monailabel, from the repository root)
+# usage: bash .ci/install-monailabel.sh [VENV_DIR] [server]
+#   VENV_DIR defaults to .venv-monailabel (relative to the repository root);
+#   "server" adds what `monailabel start_server` imports (FastAPI app, DICOM and Girder datastores), not needed
+#   by the tests. The server also imports torchvision.utils at start-up: see docs/README.md, "MONAI Label".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv-monailabel}"
+with_server="${2:-}"
 
 [ -x "$venv/bin/python" ] || python3.11 -m venv "$venv"
 "$venv/bin/pip" install -q -r requirements-dev.txt
@@ -24,4 +28,12 @@ venv="${1:-.venv-monailabel}"
 # monailabel.transform.writer writes masks with ITK; its NIfTI writer needs only the core and IO wheels
 # (about 0.6 GB instead of the 1.5 GB of all six ITK wheels that `itk` depends on).
 "$venv/bin/pip" install -q --no-deps itk==5.4.7 itk-core==5.4.7 itk-io==5.4.7
+if [ "$with_server" = server ]; then
+    # pydicom 2.x: pydicom-seg 0.4.1 needs pydicom._storage_sopclass_uids, gone in pydicom 3;
+    # dicomweb-client and pynetdicom are pinned to releases tested with it (newer ones need pydicom 3).
+    "$venv/bin/pip" install -q fastapi==0.165.0 uvicorn==0.54.0 python-multipart==0.0.34 requests==2.34.2 \
+        requests-toolbelt==1.0.0 pyjwt==2.15.1 passlib==1.7.4 schedule==1.2.2 cachetools==8.0.2 timeloop==1.0.2 \
+        psutil==7.2.2 expiringdict==1.2.2 scikit-learn==1.9.1 girder-client==5.0.21 "dicomweb-client[gcp]==0.59.1" \
+        pydicom==2.4.4 pydicom-seg==0.4.1 pynetdicom==2.0.2
+fi
 "$venv/bin/python" -c "import monailabel; print('monailabel', monailabel.__version__, 'in', '$venv')"
