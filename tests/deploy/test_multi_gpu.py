@@ -7,6 +7,7 @@ config files); a third, test-only config appends one step to `run` that saves wh
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,10 +93,18 @@ def test_backend_on_this_machine():
     assert merged_config().get_parsed_content("dist_backend") == expected
 
 
+def copy_of_bundle(destination: Path) -> Path:
+    """The bundle's configs and scripts in `destination`, the `bundle_root` of a run that writes nothing here."""
+    for part in ("configs", "scripts"):
+        shutil.copytree(BUNDLE_ROOT / part, destination / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return destination
+
+
 def run_two_gloo_processes(bundle_root: Path, dataset_dir: Path) -> str:
     report_config = bundle_root / "rank_report.json"
     report_config.write_text(json.dumps(RANK_REPORT))
-    config_files = [str(TRAIN), str(MULTI_GPU), str(report_config)]
+    configs = bundle_root / "configs"
+    config_files = [str(configs / "train.json"), str(configs / "multi_gpu_train.json"), str(report_config)]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run",
@@ -107,8 +116,8 @@ def run_two_gloo_processes(bundle_root: Path, dataset_dir: Path) -> str:
         "--device", "$torch.device('cpu')",
     ]  # fmt: skip
     # one thread per process: two processes on two cores, no oversubscription
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BUNDLE_ROOT)}
-    done = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     errors = [line for line in output.splitlines() if "Error" in line]
     assert done.returncode == 0, "\n".join(errors[-20:]) or output[-4000:]
@@ -118,7 +127,7 @@ def run_two_gloo_processes(bundle_root: Path, dataset_dir: Path) -> str:
 def evaluate_single_process(checkpoint: Path, dataset_dir: Path, bundle_root: Path) -> float:
     """train.json's own validation (same data, transforms, inferer, metric) in this one process, on `checkpoint`."""
     parser = ConfigParser()
-    parser.read_config(str(TRAIN))
+    parser.read_config(str(bundle_root / "configs" / "train.json"))
     parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
@@ -139,8 +148,7 @@ def scalar_tags_by_pid(log_dir: Path) -> dict[int, set[str]]:
 
 
 def test_two_gloo_processes_train_one_model(tiny_phantom, tmp_path):
-    bundle_root = tmp_path / "ddp"
-    bundle_root.mkdir()
+    bundle_root = copy_of_bundle(tmp_path / "ddp")
     output = run_two_gloo_processes(bundle_root, tiny_phantom)
     reports = [torch.load(bundle_root / "eval" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
@@ -171,7 +179,7 @@ def test_two_gloo_processes_train_one_model(tiny_phantom, tmp_path):
     # the Dice reduced over the two validation shards equals one process evaluating the checkpoint on both images
     reported = reports[0]["val_metrics"]["val_mean_dice"]
     assert reports[1]["val_metrics"]["val_mean_dice"] == pytest.approx(reported, abs=1e-7)
-    single = evaluate_single_process(checkpoint, tiny_phantom, tmp_path / "single")
+    single = evaluate_single_process(checkpoint, tiny_phantom, copy_of_bundle(tmp_path / "single"))
     assert single == pytest.approx(reported, abs=1e-6)
     printed = [float(v) for v in re.findall(r"val_mean_dice: ([0-9.]+)", output)]
     assert printed and printed[-1] == pytest.approx(single, abs=1e-4)
