@@ -1,0 +1,487 @@
+"""Segment CT volumes with the bundle: NIfTI in, one ``uint8`` organ mask per volume out, fast and per-file safe.
+
+Command line, from the bundle root::
+
+    python -m scripts.infer data/ct/ --output masks/                     # a folder of .nii/.nii.gz
+    python -m scripts.infer a.nii.gz b.nii.gz --output masks/ --volumes-csv masks/volumes.csv
+    python -m scripts.infer data/phantom/dataset.json --output masks/ --amp bf16 --sw-batch-size 16
+
+The network, preprocessing, sliding-window inferer and postprocessing are the ids ``network_def``,
+``preprocessing``, ``inferer`` and ``postprocessing`` of ``configs/inference.json`` read with
+``monai.bundle.ConfigParser`` (``--config`` merges other files over it like ``monai.bundle run``), so this
+script and ``python -m monai.bundle run --config_file configs/inference.json`` compute the same masks; the
+config's ``SaveImaged`` is replaced by an atomic writer that never overwrites without ``--overwrite`` and
+writes in the input's own grid, affine and qform/sform codes.
+
+What the script adds to ``monai.bundle run``: autocast (``--amp``), loading in ``DataLoader`` workers while
+the device computes, writing in a background thread, a per-file check of every input (readable, 3D, one
+channel, Hounsfield-unit intensities) that reports a bad file and goes on, a sidecar JSON of organ names
+next to each mask, optional per-organ volumes in mL, a progress bar and a speed summary.
+
+Exit status: 0 when every input was written, 1 when any input failed or was skipped (bad file, existing
+output without ``--overwrite``), 2 for a usage or configuration error (nothing processed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import decollate_batch, list_data_collate
+from monai.transforms import Compose, LoadImaged, SaveImaged
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
+DEFAULT_META = BUNDLE_ROOT / "configs" / "metadata.json"
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# A CT of the abdomen holds air (-1000 HU: outside the body, lung bases, bowel gas) and soft tissue (about
+# +40 HU). An image with nothing below -200 HU or nothing above 0 HU is not in Hounsfield units: normalised
+# [0, 1] data, 8-bit exports, MR, or raw stored values without the rescale intercept.
+AIR_CEILING_HU = -200.0
+TISSUE_FLOOR_HU = 0.0
+
+
+class InputError(ValueError):
+    """One input that cannot be segmented; the message names the file, what was expected and what came."""
+
+
+@dataclass
+class Summary:
+    """What a run did; ``main`` prints it and ``--summary-json`` writes it."""
+
+    written: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # input (or command-line source) -> reason
+    voxels: int = 0
+    seconds: float = 0.0
+    peak_gpu_memory_bytes: int | None = None
+    device: str = "cpu"
+    amp: str = "off"
+
+    @property
+    def voxels_per_second(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+
+
+def check_header(path: str, num_channels: int) -> nib.spatialimages.SpatialImage:
+    """Read ``path``'s header (no voxel data) and check it holds a 3D volume with ``num_channels`` channels."""
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises ImageFileError, OSError, EOFError, ValueError... for bad files
+        raise InputError(f"{path}: not a readable NIfTI image ({type(error).__name__}: {error}).") from None
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise InputError(f"{path}: expected a 3D CT volume, got a 2D image of shape {shape}.")
+    channels = int(np.prod(shape[3:], dtype=np.int64))
+    if channels != num_channels:
+        raise InputError(f"{path}: expected {num_channels} channel(s) (3D volume of shape (X, Y, Z)), got shape "
+                         f"{shape} with {channels} channels.")  # fmt: skip
+    return image
+
+
+def check_hounsfield(path: str, image: torch.Tensor) -> None:
+    """Check that the loaded voxel values can be Hounsfield units of a CT (see ``AIR_CEILING_HU``)."""
+    if image.is_floating_point() and not torch.isfinite(image).all():
+        raise InputError(f"{path}: expected finite CT intensities, got NaN or infinite values.")
+    low, high = float(image.min()), float(image.max())
+    if low > AIR_CEILING_HU or high < TISSUE_FLOOR_HU:
+        raise InputError(f"{path}: intensities in [{low:g}, {high:g}] are not CT Hounsfield units (expected air "
+                         f"below {AIR_CEILING_HU:g} HU and soft tissue above {TISSUE_FLOOR_HU:g} HU); "
+                         f"normalised, 8-bit, MR or unscaled data? Pass --no-hu-check to segment it anyway.")  # fmt: skip
+
+
+class CheckedInputs(torch.utils.data.Dataset):
+    """The config's preprocessing of each input, run in ``DataLoader`` workers, with the checks before it.
+
+    An item is ``{"path", "data"}`` (``data``: the preprocessed dict) or ``{"path", "error"}``: a bad file must
+    not end the worker, so every failure becomes a message for the main process to report.
+    """
+
+    def __init__(self, paths: list[str], loader: LoadImaged, transforms: Compose, image_key: str,
+                 num_channels: int, hu_check: bool) -> None:  # fmt: skip
+        self.paths, self.loader, self.transforms = paths, loader, transforms
+        self.image_key, self.num_channels, self.hu_check = image_key, num_channels, hu_check
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        try:
+            header = check_header(path, self.num_channels)
+            data = self.loader({self.image_key: path})
+            if self.hu_check:
+                check_hounsfield(path, data[self.image_key])
+            data = self.transforms(data)
+            return {"path": path, "data": data, "affine": header.affine, "header": header.header,
+                    "shape": tuple(header.shape[:3])}  # fmt: skip
+        except InputError as error:
+            return {"path": path, "error": str(error)}
+        except Exception as error:  # a corrupt gzip stream or a transform failing on odd data
+            return {"path": path, "error": f"{path}: cannot load or preprocess ({type(error).__name__}: {error})."}
+
+
+def _as_is(item: dict) -> dict:
+    """The ``DataLoader``'s collate: items stay unbatched, ``segment`` collates them as the config's loader would."""
+    return item
+
+
+def collect_inputs(sources: list[str], summary: Summary) -> list[str]:
+    """Every NIfTI named by ``sources`` (files, folders, datalists, MSD ``dataset.json``), in order, once."""
+    from scripts.data import DatasetError, inference_datalist
+
+    paths: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix == ".json":
+            try:  # an MSD dataset.json is a dict: its folder is what inference_datalist reads
+                if isinstance(json.loads(path.read_text()), dict):
+                    path = path.parent
+            except (OSError, ValueError):
+                pass  # inference_datalist reports it
+        try:
+            paths += [item["image"] for item in inference_datalist(path)]
+        except DatasetError as error:
+            summary.failed[source] = str(error)
+    return list(dict.fromkeys(paths))
+
+
+# ------------------------------------------------------------------------------------------------ the bundle
+
+
+@dataclass
+class Bundle:
+    """The parts of ``inference.json`` the script runs; built once per process."""
+
+    network: torch.nn.Module
+    loader: LoadImaged
+    transforms: Compose  # the preprocessing after loading
+    inferer: object
+    postprocessing: Compose  # without the config's SaveImaged
+    image_key: str
+    num_channels: int
+    organ_names: dict[str, str]
+    output_postfix: str
+    output_ext: str
+    ckpt_path: str
+
+
+def load_bundle(config_files: list[str], meta_file: str, device: torch.device, model: str | None,
+                inferer_overrides: dict) -> Bundle:  # fmt: skip
+    """Parse the config with ``ConfigParser``, load the network's weights once and split out what we replace.
+
+    Raises:
+        ValueError: for a config without the ids above, a preprocessing that does not start with
+            ``LoadImaged``, or a checkpoint that does not fit the network.
+    """
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    parser.read_meta(meta_file)
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    parser["device"] = f"$torch.device('{device}')"
+    for key, value in inferer_overrides.items():
+        parser[f"inferer#{key}"] = value
+    missing = [k for k in ("network_def", "preprocessing", "inferer", "postprocessing") if k not in parser]
+    if missing:
+        raise ValueError(f"config {config_files} lacks the ids {missing}; expected an inference.json like the bundle's.")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    steps = list(preprocessing.transforms) if isinstance(preprocessing, Compose) else []
+    if not steps or not isinstance(steps[0], LoadImaged):
+        raise ValueError("the config's preprocessing must be a Compose starting with LoadImaged (so each image can "
+                         f"be checked after loading), got {type(preprocessing).__name__}.")  # fmt: skip
+    postprocessing = parser.get_parsed_content("postprocessing")  # "@preprocessing" in Invertd: the same instance
+    kept = [t for t in postprocessing.transforms if not isinstance(t, SaveImaged)]
+
+    network = parser.get_parsed_content("network_def").to(device).eval()
+    ckpt_path = model or parser.get_parsed_content("ckpt_path", default=None)
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        raise ValueError(f"checkpoint {ckpt_path} does not exist; train the bundle or pass --model <model.pt>.")
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # CheckpointSaver's multi-object layout
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {ckpt_path} does not fit the config's network_def: {error}") from None
+
+    meta = parser.get("_meta_", {}).get("network_data_format", {})
+    organ_names = meta.get("outputs", {}).get("pred", {}).get("channel_def", {})
+    return Bundle(network=network, loader=steps[0], transforms=Compose(steps[1:]),
+                  inferer=parser.get_parsed_content("inferer"), postprocessing=Compose(kept),
+                  image_key=parser.get_parsed_content("image_key", default="image"),
+                  num_channels=int(meta.get("inputs", {}).get("image", {}).get("num_channels", 1)),
+                  organ_names={str(k): v for k, v in organ_names.items()},
+                  output_postfix=parser.get_parsed_content("output_postfix", default="seg"),
+                  output_ext=parser.get_parsed_content("output_ext", default=".nii.gz"),
+                  ckpt_path=str(Path(ckpt_path).resolve()))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def split_ext(name: str) -> tuple[str, str]:
+    """``"ct.001.nii.gz"`` -> ``("ct.001", ".nii.gz")``; the two-part NIfTI suffix counts as one."""
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    return os.path.splitext(name)
+
+
+def output_name(input_path: str, postfix: str, ext: str) -> str:
+    """``ct.nii.gz`` -> ``ct_seg.nii.gz``: ``SaveImaged``'s name with ``separate_folder=False``."""
+    stem = split_ext(Path(input_path).name)[0]
+    return f"{stem}_{postfix}{ext}" if postfix else f"{stem}{ext}"
+
+
+def _replace_atomically(target: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``target``: a crash never leaves half a file or loses the old one."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=split_ext(target.name)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_mask(mask: np.ndarray, item: dict, target: Path, organ_names: dict[str, str], source: dict) -> int:
+    """Write ``mask`` (``uint8``, the input's grid) with the input's affine and its qform/sform codes,
+    and ``<name>.json`` beside it with the organ name of every label value. Returns the number of voxels."""
+    header = item["header"]
+    image = nib.Nifti1Image(mask, item["affine"])
+    for kind in ("qform", "sform"):
+        code = int(header[f"{kind}_code"]) if isinstance(header, nib.Nifti1Header) else 0
+        if code > 0:
+            getattr(image, f"set_{kind}")(item["affine"], code=code)
+    image.set_data_dtype(np.uint8)
+    _replace_atomically(target, lambda tmp: nib.save(image, tmp))
+    sidecar = {"labels": organ_names, **source}
+    json_path = target.with_name(split_ext(target.name)[0] + ".json")
+    _replace_atomically(json_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    return mask.size
+
+
+def write_volumes_csv(path: Path, rows: list[dict], organ_names: dict[str, str]) -> None:
+    """One row per written mask: the input, the mask, the voxel volume and every organ's volume in mL."""
+    labels = sorted((int(k) for k in organ_names if int(k) > 0))
+    columns = ["image", "mask", "voxel_volume_ml"] + [f"{organ_names[str(k)]} (mL)" for k in labels]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(columns)
+            for row in rows:
+                counts = row["counts"]
+                volumes = [counts[k] * row["voxel_ml"] if k < len(counts) else 0.0 for k in labels]
+                writer.writerow([row["image"], row["mask"], f"{row['voxel_ml']:.6g}", *(f"{v:.3f}" for v in volumes)])
+
+    _replace_atomically(path, write)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The config's inferer and postprocessing on one preprocessed item, as ``SupervisedEvaluator`` runs them:
+    collate, infer, attach ``pred``, decollate, postprocess. Returns the label volume ``XYZ`` on ``device``."""
+    batch = list_data_collate([item["data"]])
+    image = batch[bundle.image_key].to(device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with autocast:
+        pred = bundle.inferer(image, bundle.network)
+    batch[bundle.image_key], batch["pred"] = image, pred.float()  # Invertd's resampling in float32, as without AMP
+    result = bundle.postprocessing(decollate_batch(batch)[0])
+    label = result["pred"]
+    if tuple(label.shape[1:]) != item["shape"]:
+        raise InputError(f"{item['path']}: the postprocessing gave a mask of shape {tuple(label.shape)}, expected "
+                         f"the input's {item['shape']}; does the config's Invertd undo the preprocessing?")  # fmt: skip
+    return label[0].as_tensor() if hasattr(label, "as_tensor") else label[0]
+
+
+def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torch.device,
+                  amp_dtype: torch.dtype | None, num_workers: int = 0, overwrite: bool = False,
+                  hu_check: bool = True, volumes_rows: list | None = None, progress: bool = True,
+                  source_info: dict | None = None) -> Summary:  # fmt: skip
+    """Segment every input of ``sources`` into ``output``; a bad input is recorded in the summary, not raised.
+
+    Args:
+        sources: files, folders and datalists (see ``collect_inputs``).
+        output: the folder of masks (created when missing).
+        bundle: from ``load_bundle``.
+        device: where the network runs.
+        amp_dtype: autocast dtype, or None for float32 (default).
+        num_workers: ``DataLoader`` workers that load and preprocess the next volumes (default 0).
+        overwrite: replace existing masks (default False: an existing mask fails its input).
+        hu_check: reject intensities that cannot be Hounsfield units (default True).
+        volumes_rows: when a list, one ``{image, mask, voxel_ml, counts}`` per written mask is appended.
+        progress: show a tqdm bar over volumes (default True).
+        source_info: extra fields for each sidecar JSON (config, checkpoint).
+    """
+    from tqdm import tqdm
+
+    summary = Summary(device=str(device), amp={None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype])
+    output.mkdir(parents=True, exist_ok=True)
+    todo, targets = [], {}
+    for path in collect_inputs(sources, summary):
+        target = output / output_name(path, bundle.output_postfix, bundle.output_ext)
+        if target in targets.values():
+            summary.failed[path] = f"{path}: its mask {target} would replace that of another input of this run."
+        elif target.exists() and not overwrite:
+            summary.failed[path] = f"{path}: {target} exists; pass --overwrite to replace it."
+        else:
+            todo.append(path)
+            targets[path] = target
+
+    dataset = CheckedInputs(todo, bundle.loader, bundle.transforms, bundle.image_key, bundle.num_channels, hu_check)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_as_is, prefetch_factor=2 if num_workers else None)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    pending: list[tuple[str, Future]] = []
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as writer:
+        for item in tqdm(loader, total=len(dataset), unit="volume", disable=not progress, file=sys.stderr):
+            path = item["path"]
+            if "error" in item:
+                summary.failed[path] = item["error"]
+                continue
+            try:
+                label = segment(bundle, item, device, amp_dtype)
+                counts = torch.bincount(label.flatten().long(), minlength=len(bundle.organ_names)).cpu().tolist()
+                mask = label.to(torch.uint8).cpu().numpy()
+            except Exception as error:  # noqa: BLE001 - one volume's failure (e.g. out of memory) must not end the run
+                summary.failed[path] = str(error) if isinstance(error, InputError) else f"{path}: {type(error).__name__}: {error}"
+                continue
+            info = {"image": path, **(source_info or {})}
+            # gzip of the previous mask runs while the device segments the next volume
+            pending.append((path, writer.submit(write_mask, mask, item, targets[path], bundle.organ_names, info)))
+            if volumes_rows is not None:
+                voxel_ml = abs(float(np.linalg.det(np.asarray(item["affine"])[:3, :3]))) / 1000.0
+                volumes_rows.append({"image": path, "mask": str(targets[path]), "voxel_ml": voxel_ml, "counts": counts})
+        for path, future in pending:
+            try:
+                summary.voxels += future.result()
+                summary.written.append(str(targets[path]))
+            except Exception as error:  # noqa: BLE001 - a full disk fails this file, not the run
+                summary.failed[path] = f"{path}: cannot write {targets[path]} ({type(error).__name__}: {error})."
+    summary.seconds = time.perf_counter() - start
+    if volumes_rows is not None:
+        written = set(summary.written)
+        volumes_rows[:] = [row for row in volumes_rows if row["mask"] in written]
+    if device.type == "cuda":
+        summary.peak_gpu_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("scripts.infer: CUDA is not available, running on the CPU (slow; pass --device to choose).", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def default_amp(device: torch.device) -> str:
+    """bf16 on GPUs that support it (same exponent range as float32: no overflow), fp16 on older GPUs, off on CPU."""
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def format_summary(summary: Summary) -> str:
+    lines = ["inference summary:",
+             f"  volumes: {len(summary.written)} written, {len(summary.failed)} failed",
+             f"  total voxels: {summary.voxels}",
+             f"  seconds: {summary.seconds:.2f}",
+             f"  voxels/s: {summary.voxels_per_second:.4g}",
+             f"  device: {summary.device}, amp: {summary.amp}"]  # fmt: skip
+    if summary.peak_gpu_memory_bytes is not None:
+        lines.append(f"  peak GPU memory: {summary.peak_gpu_memory_bytes / 2**30:.2f} GiB")
+    lines += [f"  FAILED {reason}" for reason in summary.failed.values()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m scripts.infer", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="NIfTI files, folders of them, datalist JSON files or MSD dataset.json files")
+    parser.add_argument("--output", required=True, type=Path, help="folder of the masks (created when missing)")
+    parser.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)],
+                        help="inference config file(s); later files override earlier ones, as in monai.bundle run")
+    parser.add_argument("--meta", default=str(DEFAULT_META), help="metadata.json with the organ names (channel_def)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                        help="autocast dtype (default: bf16 on GPUs supporting it, fp16 on other GPUs, off on CPU)")
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: the config's)")
+    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: the config's)")
+    parser.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="sliding-window size in voxels (default: the config's)")
+    parser.add_argument("--num-workers", type=int, default=min(4, max((os.cpu_count() or 1) - 1, 0)),
+                        help="DataLoader workers loading the next volumes while one is segmented")
+    parser.add_argument("--volumes-csv", type=Path, default=None, help="write per-organ volumes in mL to this CSV")
+    parser.add_argument("--summary-json", type=Path, default=None, help="write the run summary to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing masks and CSV")
+    parser.add_argument("--no-hu-check", dest="hu_check", action="store_false",
+                        help="segment images whose intensities do not look like Hounsfield units")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu.")
+        amp = args.amp or default_amp(device)
+        if args.sw_batch_size is not None and args.sw_batch_size < 1:
+            raise ValueError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}.")
+        if args.overlap is not None and not 0 <= args.overlap < 1:
+            raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}.")
+        if args.roi_size is not None and min(args.roi_size) < 1:
+            raise ValueError(f"--roi-size must be positive, got {args.roi_size}.")
+        if args.volumes_csv is not None and args.volumes_csv.exists() and not args.overwrite:
+            raise ValueError(f"--volumes-csv {args.volumes_csv} exists; pass --overwrite to replace it.")
+        overrides = {"sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "roi_size": args.roi_size}
+        bundle = load_bundle(args.config, args.meta, device, args.model, {k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"scripts.infer: error: {error}", file=sys.stderr)
+        return 2
+
+    rows: list | None = [] if args.volumes_csv is not None else None
+    source_info = {"config": [str(Path(c).resolve()) for c in args.config], "model": bundle.ckpt_path}
+    summary = run_inference(args.inputs, args.output, bundle, device, AMP_DTYPES[amp], num_workers=args.num_workers,
+                            overwrite=args.overwrite, hu_check=args.hu_check, volumes_rows=rows,
+                            progress=args.progress, source_info=source_info)  # fmt: skip
+    if rows is not None:
+        args.volumes_csv.parent.mkdir(parents=True, exist_ok=True)
+        write_volumes_csv(args.volumes_csv, rows, bundle.organ_names)
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps({**asdict(summary), "voxels_per_second": summary.voxels_per_second}, indent=2) + "\n")
+    print(format_summary(summary))
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
