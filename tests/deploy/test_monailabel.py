@@ -130,7 +130,7 @@ def test_train_task_fine_tunes_the_shipped_model_for_one_epoch(bundle, studies):
     checkpoint = bundle / "models" / "model.pt"
     shipped = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     datastore = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
-    assert len(datastore.datalist()) == 6
+    assert len(datastore.datalist()) == 7
 
     task = BundleTrainTask(str(bundle), {})
     assert task.is_valid()

@@ -176,7 +176,7 @@ def test_two_gloo_processes_train_one_model(tiny_phantom, tmp_path):
     for name, value in reports[0]["weights"].items():
         torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)
 
-    # the Dice reduced over the two validation shards equals one process evaluating the checkpoint on both images
+    # the Dice reduced over the uneven validation shards (2 + 1 images) equals one process evaluating all three
     reported = reports[0]["val_metrics"]["val_mean_dice"]
     assert reports[1]["val_metrics"]["val_mean_dice"] == pytest.approx(reported, abs=1e-7)
     single = evaluate_single_process(checkpoint, tiny_phantom, copy_of_bundle(tmp_path / "single"))
