@@ -84,3 +84,12 @@ def test_presets_only_set_the_loss():
         content = json.loads(preset.read_text())
         assert list(content) == ["loss"], preset.name
         assert content["loss"]["_target_"].startswith("scripts.losses."), preset.name
+
+
+@pytest.mark.parametrize("extra", [[], ["evaluate.json"]])
+def test_training_run_id_runs_what_run_runs(extra):
+    # `python -m monai.bundle run training --config_file ...` uses the id "training"
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), *[str(CONFIGS / e) for e in extra]])
+    parser.parse()
+    assert parser.get("training") == parser.get("run")
