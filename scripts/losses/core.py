@@ -233,26 +233,26 @@ def encode_target(
 
 
 def _encode_indices(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> EncodedTarget:
-    indices = labels.long()
-    mask = None if ignore_index is None else indices != ignore_index
+    truncated = labels.long()
+    mask = None if ignore_index is None else truncated != ignore_index
+    # ignored voxels get class 0 so gather/scatter stay in range; the mask zeroes their contribution
+    indices = truncated if mask is None else torch.where(mask, truncated, 0)
     if not _is_compiling():
-        valid = (indices >= 0) & (indices < num_classes)
-        if mask is not None:
-            valid |= ~mask
+        # one pass and one device sync for the common case; the details only on failure
+        low, high = torch.aminmax(indices)
+        valid = (low >= 0) & (high < num_classes)
         if labels.is_floating_point():
-            valid &= labels == indices
-        if not bool(valid.all()):
-            bad = labels[~valid]
+            valid &= (labels == truncated).all()
+        if not bool(valid):
+            bad_voxels = (truncated < 0) | (truncated >= num_classes) | (labels != truncated)
+            bad = labels[bad_voxels if mask is None else bad_voxels & mask]
             raise LossInputError(
                 f"class-index target must hold integers in [0, {num_classes})"
                 + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
                 + f", got {bad.numel()} voxels outside, e.g. {bad.unique()[:5].tolist()}."
             )
-    if mask is not None:
-        # ignored voxels get class 0 so gather/scatter stay in range; the mask zeroes their contribution
-        indices = indices.masked_fill(~mask, 0)
-        return EncodedTarget(indices, None, mask, mask.to(torch.float32), num_classes)
-    return EncodedTarget(indices, None, None, None, num_classes)
+    mask_weight = None if mask is None else mask.to(torch.float32)
+    return EncodedTarget(indices, None, mask, mask_weight, num_classes)
 
 
 def _dense_ignore_mask(dense: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -276,9 +276,9 @@ def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
 
 
 # The backward of a softmax needs one temporary the size of the slice it works on; walking the volume in
-# this many chunks bounds it to an eighth of the logits while keeping the number of ops small (on a busy
+# this many chunks bounds it to a quarter of the logits while keeping the number of ops small (on a busy
 # CPU each op is a thread synchronisation).
-_BACKWARD_CHUNKS = 8
+_BACKWARD_CHUNKS = 4
 
 
 def _voxel_chunks(num_voxels: int) -> list[tuple[int, int]]:
@@ -305,7 +305,7 @@ class _FusedIndexOverlap(torch.autograd.Function):
 
     Memory: the forward writes the masked probabilities into one buffer, which the backward turns, in place,
     into the logits' gradient; so beyond that gradient (which any loss allocates) only per-voxel vectors and
-    one eighth-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
+    one quarter-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
     the same size alive. Masked voxels hold p = 0, which zeroes their gradient for every activation.
     """
 
@@ -407,8 +407,8 @@ def activated_overlap_stats(
 def _class_counts(indices: torch.Tensor, weights: torch.Tensor | None, num_classes: int, dtype) -> torch.Tensor:
     """``(B, C)`` number (or mask-weighted sum) of voxels of each class: the target volume of an index target."""
     bins = torch.zeros((indices.shape[0], num_classes), dtype=dtype, device=indices.device)
-    counts = torch.ones(indices.shape, dtype=dtype, device=indices.device) if weights is None else weights
-    return bins.scatter_add(1, indices, counts)
+    counts = bins.new_ones((1, 1)).expand(indices.shape) if weights is None else weights
+    return bins.scatter_add_(1, indices, counts)
 
 
 def _finish_stats(tp, fp, fn, encoded: EncodedTarget, include_background: bool, batch: bool):
