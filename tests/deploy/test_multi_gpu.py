@@ -60,18 +60,24 @@ def test_merged_config_is_data_parallel():
     assert set(train_imports) <= set(parser["imports"])
 
 
-def test_initialize_keeps_every_step_of_train_json():
-    """multi_gpu_train.json replaces `initialize`: it must still do everything train.json's does.
+def test_initialize_runs_train_json_steps_with_rank_0_first():
+    """multi_gpu_train.json replaces `initialize`: it must still run every step of train.json's.
 
-    Dataset preparation (which may write the phantom) runs on rank 0 only, followed by a barrier.
+    Rank 0 goes first through those steps and through building the datalists (which may generate the phantom
+    into `dataset_dir`); the other ranks wait at a barrier until rank 0 has done so. The datalists are reached
+    through `train#dataset#data` / `validate#dataset#data`, so that a caller that overrides them with its own
+    lists (MONAI Label) never prepares the default dataset.
     """
     train_steps = ConfigParser.load_config_file(str(TRAIN))["initialize"]
     steps = merged_config()["initialize"]
     assert "init_process_group" in steps[0]
-    for step in train_steps:
-        assert step in steps or step.replace("$", "$dist.get_rank() == 0 and ", 1) in steps, step
-    prepare = next(i for i, s in enumerate(steps) if "prepare_dataset" in s)
-    assert steps[prepare + 1] == "$dist.barrier()"
+    wait = steps.index("$dist.get_rank() == 0 or dist.barrier()")
+    datalists = steps.index("$len(@train#dataset#data) + len(@validate#dataset#data)")
+    release = steps.index("$dist.get_rank() > 0 or dist.barrier()")
+    missing = [step for step in train_steps if step not in steps]
+    assert not missing, f"train.json initialize steps not run by multi_gpu_train.json: {missing}"
+    assert all(wait < steps.index(step) < datalists for step in train_steps), steps
+    assert wait < datalists < release == len(steps) - 1
 
 
 @pytest.mark.parametrize(
