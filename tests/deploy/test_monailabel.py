@@ -8,6 +8,8 @@ studies of a `LocalDatastore` made from the tiny phantom. Needs the separate env
 import hashlib
 import importlib.util
 import json
+import logging
+import os
 import shutil
 import sys
 import types
@@ -150,3 +152,26 @@ def test_train_task_fine_tunes_the_shipped_model_for_one_epoch(bundle, studies):
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     assert weights.keys() == parser.get_parsed_content("network_def").state_dict().keys()
+
+
+def test_train_task_on_several_gpus_runs_multi_gpu_train_json(bundle, studies, monkeypatch, caplog):
+    """With more than one GPU, BundleTrainTask exports its overrides to `configs/monailabel_train.json` and starts
+    `torchrun --nproc_per_node=<GPUs> ... ['monailabel_train.json','multi_gpu_train.json']`. `force_multi_gpu`
+    with two device ids takes that path on CPU too, where multi_gpu_train.json picks gloo. MONAI Label ignores
+    the exit code of torchrun, so success shows as a rewritten `models/model.pt`."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # MONAI Label calls `torchrun`
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
+    checkpoint = bundle / "models" / "model.pt"
+    shipped = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    datastore = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+
+    request = {"model": "ct_organ_segmentation", "max_epochs": 1, "device": "cpu", "val_split": 0.34,
+               "force_multi_gpu": True, "gpus": "0,1"}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="monailabel.tasks.train.bundle"):
+        BundleTrainTask(str(bundle), {})(request, datastore)
+
+    commands = [r.getMessage() for r in caplog.records if "RUNNING COMMAND" in r.getMessage()]
+    assert len(commands) == 1 and "--nproc_per_node=2" in commands[0] and "multi_gpu_train.json" in commands[0]
+    assert (bundle / "configs" / "monailabel_train.json").is_file()
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() != shipped
+    assert not (bundle / "data").exists()
