@@ -93,9 +93,9 @@ def test_backend_follows_device_and_can_be_overridden(overrides, backend):
     assert merged_config(**overrides).get_parsed_content("dist_backend") == backend
 
 
-def test_backend_on_this_machine():
+def test_backend_on_this_machine(monkeypatch):
     expected = "nccl" if torch.cuda.is_available() else "gloo"
-    os.environ.setdefault("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun sets it; `device` reads it on CUDA machines
     assert merged_config().get_parsed_content("dist_backend") == expected
 
 
