@@ -136,7 +136,8 @@ def test_train_task_fine_tunes_the_shipped_model_for_one_epoch(bundle, studies):
 
     task = BundleTrainTask(str(bundle), {})
     assert task.is_valid()
-    request = {"model": "ct_organ_segmentation", "max_epochs": 1, "device": "cpu", "val_split": 0.34, "multi_gpu": False}
+    request = {"model": "ct_organ_segmentation", "max_epochs": 1, "device": "cpu", "val_split": 0.34,
+               "multi_gpu": False}  # fmt: skip
     task(request, datastore)
 
     # MONAI Label passed its own datalist: the bundle neither generated nor checked its default phantom dataset
