@@ -276,9 +276,9 @@ def flatten_probs(probs: torch.Tensor) -> torch.Tensor:
 
 
 # The backward of a softmax needs one temporary the size of the slice it works on; walking the volume in
-# this many chunks bounds it to a quarter of the logits while keeping the number of ops small (on a busy
+# this many chunks bounds it to an eighth of the logits while keeping the number of ops small (on a busy
 # CPU each op is a thread synchronisation).
-_BACKWARD_CHUNKS = 4
+_BACKWARD_CHUNKS = 8
 
 
 def _voxel_chunks(num_voxels: int) -> list[tuple[int, int]]:
@@ -289,8 +289,7 @@ def _voxel_chunks(num_voxels: int) -> list[tuple[int, int]]:
 def _activate_into(logits: torch.Tensor, activation: str, out: torch.Tensor, mask_weight: torch.Tensor | None):
     """Write the (masked) activation of ``(B, C, N)`` logits into ``out`` without other full-size tensors."""
     if activation == "softmax":
-        torch.sub(logits, logits.amax(1, keepdim=True).to(out.dtype), out=out).exp_()
-        out.div_(out.sum(1, keepdim=True))
+        torch.softmax(logits, 1, dtype=out.dtype, out=out)
     elif activation == "sigmoid":
         torch.sigmoid(logits.to(out.dtype), out=out)
     else:
@@ -305,7 +304,7 @@ class _FusedIndexOverlap(torch.autograd.Function):
 
     Memory: the forward writes the masked probabilities into one buffer, which the backward turns, in place,
     into the logits' gradient; so beyond that gradient (which any loss allocates) only per-voxel vectors and
-    one quarter-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
+    one eighth-size temporary exist. MONAI keeps probabilities, a one-hot target and several products of
     the same size alive. Masked voxels hold p = 0, which zeroes their gradient for every activation.
     """
 
@@ -313,12 +312,13 @@ class _FusedIndexOverlap(torch.autograd.Function):
     def forward(ctx, logits, indices, mask_weight, activation, power):
         dtype = compute_dtype(logits.dtype)
         probs = _activate_into(logits, activation, torch.empty(logits.shape, dtype=dtype, device=logits.device), mask_weight)
-        at_target = probs.gather(1, indices.unsqueeze(1)).squeeze(1)
-        tp = probs.new_zeros(probs.shape[:2]).scatter_add_(1, indices, at_target)
+        at_target = probs.gather(1, indices.unsqueeze(1))  # (B, 1, N): p of each voxel's own class
+        tp = probs.new_zeros(probs.shape[:2]).scatter_add_(1, indices, at_target.squeeze(1))
         # the norm is a reduction without a squared copy (MONAI computes squared_pred the same way)
         pred_volume = probs.sum(-1) if power == 1 else torch.linalg.vector_norm(probs, 2, -1).square()
         ctx.save_for_backward(logits, indices, mask_weight)
-        ctx.probs = probs if ctx.needs_input_grad[0] else None
+        keep = ctx.needs_input_grad[0]
+        ctx.probs, ctx.at_target = (probs, at_target) if keep else (None, None)
         ctx.activation, ctx.power = activation, power
         return pred_volume, tp
 
@@ -326,10 +326,12 @@ class _FusedIndexOverlap(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pred_volume, grad_tp):
         logits, indices, mask_weight = ctx.saved_tensors
-        grad, ctx.probs = ctx.probs, None  # the probabilities are turned into the gradient below
+        index = indices.unsqueeze(1)
+        # the probabilities are turned into the gradient below
+        (grad, at_target), ctx.probs, ctx.at_target = (ctx.probs, ctx.at_target), None, None
         if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
             grad = _activate_into(logits, ctx.activation, torch.empty_like(logits, dtype=grad_tp.dtype), mask_weight)
-        index = indices.unsqueeze(1)
+            at_target = grad.gather(1, index)
         # d loss / d p[c, n] = volume_term[c, n] + (c == target[n]) * target_term[n], on voxels that count
         volume_coef = grad_pred_volume.unsqueeze(-1)  # (B, C, 1)
         target_term = grad_tp.gather(1, indices).unsqueeze(1)  # (B, 1, N)
@@ -337,7 +339,7 @@ class _FusedIndexOverlap(torch.autograd.Function):
             target_term *= mask_weight.unsqueeze(1)
         if ctx.activation == "softmax":
             # p_c (dp_c - sum_k p_k dp_k)
-            target_term *= grad.gather(1, index)
+            target_term = at_target.mul_(target_term)
             if ctx.power == 1:
                 dot = torch.bmm(grad_pred_volume.unsqueeze(1), grad).add_(target_term)
             for start, stop in _voxel_chunks(grad.shape[-1]):
@@ -350,16 +352,13 @@ class _FusedIndexOverlap(torch.autograd.Function):
                     probs.mul_(volume_term.sub_(chunk_dot))
         elif ctx.activation == "sigmoid":
             # p (1 - p) dp
+            target_term = at_target.addcmul_(at_target, at_target, value=-1).mul_(target_term)
             if ctx.power == 1:
-                slope = grad.addcmul_(grad, grad, value=-1)
-                target_term *= slope.gather(1, index)
-                slope.mul_(volume_coef)
+                grad.addcmul_(grad, grad, value=-1).mul_(volume_coef)
             for start, stop in _voxel_chunks(grad.shape[-1]) if ctx.power == 2 else []:
                 probs = grad[:, :, start:stop]
                 volume_term = probs * (2 * volume_coef)
-                slope = probs.addcmul_(probs, probs, value=-1)
-                target_term[:, :, start:stop] *= slope.gather(1, index[:, :, start:stop])
-                slope.mul_(volume_term)
+                probs.addcmul_(probs, probs, value=-1).mul_(volume_term)
         elif ctx.power == 1:
             grad.copy_(volume_coef.expand_as(grad))
             if mask_weight is not None:
