@@ -102,8 +102,8 @@ def check_hounsfield(path: str, image: torch.Tensor) -> None:
     low, high = float(image.min()), float(image.max())
     if low > AIR_CEILING_HU or high < TISSUE_FLOOR_HU:
         raise InputError(f"{path}: intensities in [{low:g}, {high:g}] are not CT Hounsfield units (expected air "
-                         f"below {AIR_CEILING_HU:g} HU and soft tissue above {TISSUE_FLOOR_HU:g} HU); "
-                         f"normalised, 8-bit, MR or unscaled data? Pass --no-hu-check to segment it anyway.")  # fmt: skip
+                         f"below {AIR_CEILING_HU:g} HU and soft tissue above {TISSUE_FLOOR_HU:g} HU); normalised, "
+                         f"8-bit, MR or unscaled data? Pass --no-hu-check to segment it anyway.")  # fmt: skip
 
 
 class CheckedInputs(torch.utils.data.Dataset):
@@ -199,7 +199,8 @@ def load_bundle(config_files: list[str], meta_file: str, device: torch.device, m
         parser[f"inferer#{key}"] = value
     missing = [k for k in ("network_def", "preprocessing", "inferer", "postprocessing") if k not in parser]
     if missing:
-        raise ValueError(f"config {config_files} lacks the ids {missing}; expected an inference.json like the bundle's.")
+        raise ValueError(f"config {config_files} lacks the ids {missing}; expected an inference.json like the "
+                         f"bundle's.")  # fmt: skip
     preprocessing = parser.get_parsed_content("preprocessing")
     steps = list(preprocessing.transforms) if isinstance(preprocessing, Compose) else []
     if not steps or not isinstance(steps[0], LoadImaged):
@@ -367,7 +368,8 @@ def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torc
                 counts = torch.bincount(label.flatten().long(), minlength=len(bundle.organ_names)).cpu().tolist()
                 mask = label.to(torch.uint8).cpu().numpy()
             except Exception as error:  # noqa: BLE001 - one volume's failure (e.g. out of memory) must not end the run
-                summary.failed[path] = str(error) if isinstance(error, InputError) else f"{path}: {type(error).__name__}: {error}"
+                reason = str(error) if isinstance(error, InputError) else f"{path}: {type(error).__name__}: {error}"
+                summary.failed[path] = reason
                 continue
             info = {"image": path, **(source_info or {})}
             # gzip of the previous mask runs while the device segments the next volume
@@ -434,7 +436,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
                         help="autocast dtype (default: bf16 on GPUs supporting it, fp16 on other GPUs, off on CPU)")
     parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: the config's)")
-    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: the config's)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap in [0, 1) (default: the config's)")
     parser.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="sliding-window size in voxels (default: the config's)")
     parser.add_argument("--num-workers", type=int, default=min(4, max((os.cpu_count() or 1) - 1, 0)),
@@ -464,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.volumes_csv is not None and args.volumes_csv.exists() and not args.overwrite:
             raise ValueError(f"--volumes-csv {args.volumes_csv} exists; pass --overwrite to replace it.")
         overrides = {"sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "roi_size": args.roi_size}
-        bundle = load_bundle(args.config, args.meta, device, args.model, {k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        bundle = load_bundle(args.config, args.meta, device, args.model, overrides)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"scripts.infer: error: {error}", file=sys.stderr)
         return 2
@@ -478,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         args.volumes_csv.parent.mkdir(parents=True, exist_ok=True)
         write_volumes_csv(args.volumes_csv, rows, bundle.organ_names)
     if args.summary_json is not None:
-        args.summary_json.write_text(json.dumps({**asdict(summary), "voxels_per_second": summary.voxels_per_second}, indent=2) + "\n")
+        record = {**asdict(summary), "voxels_per_second": summary.voxels_per_second}
+        args.summary_json.write_text(json.dumps(record, indent=2) + "\n")
     print(format_summary(summary))
     return 1 if summary.failed else 0
 
