@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -223,6 +224,8 @@ def load_bundle(config_files: list[str], meta_file: str, device: torch.device, m
 
     meta = parser.get("_meta_", {}).get("network_data_format", {})
     organ_names = meta.get("outputs", {}).get("pred", {}).get("channel_def", {})
+    if len(organ_names) > 256:
+        raise ValueError(f"{meta_file} names {len(organ_names)} output channels; uint8 masks hold at most 256 labels.")
     return Bundle(network=network, loader=steps[0], transforms=Compose(steps[1:]),
                   inferer=parser.get_parsed_content("inferer"), postprocessing=Compose(kept),
                   image_key=parser.get_parsed_content("image_key", default="image"),
@@ -316,6 +319,16 @@ def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.d
     return label[0].as_tensor() if hasattr(label, "as_tensor") else label[0]
 
 
+def _failure(path: str, error: Exception) -> str:
+    """The report line of a volume that failed on the device; frees the CUDA cache after an out-of-memory."""
+    if isinstance(error, InputError):
+        return str(error)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()  # the next, maybe smaller, volume starts from a clean cache
+        return f"{path}: out of GPU memory ({error}); try a smaller --sw-batch-size or --roi-size, or --amp bf16."
+    return f"{path}: {type(error).__name__}: {error}"
+
+
 def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torch.device,
                   amp_dtype: torch.dtype | None, num_workers: int = 0, overwrite: bool = False,
                   hu_check: bool = True, volumes_rows: list | None = None, progress: bool = True,
@@ -356,7 +369,16 @@ def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torc
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    pending: list[tuple[str, Future]] = []
+    pending: deque[tuple[str, Future]] = deque()
+
+    def collect_oldest() -> None:
+        path, future = pending.popleft()
+        try:
+            summary.voxels += future.result()
+            summary.written.append(str(targets[path]))
+        except Exception as error:  # noqa: BLE001 - a full disk fails this file, not the run
+            summary.failed[path] = f"{path}: cannot write {targets[path]} ({type(error).__name__}: {error})."
+
     with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as writer:
         for item in tqdm(loader, total=len(dataset), unit="volume", disable=not progress, file=sys.stderr):
             path = item["path"]
@@ -364,25 +386,22 @@ def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torc
                 summary.failed[path] = item["error"]
                 continue
             try:
-                label = segment(bundle, item, device, amp_dtype)
-                counts = torch.bincount(label.flatten().long(), minlength=len(bundle.organ_names)).cpu().tolist()
-                mask = label.to(torch.uint8).cpu().numpy()
+                label = segment(bundle, item, device, amp_dtype).to(torch.uint8)
+                counts = torch.bincount(label.flatten(), minlength=len(bundle.organ_names)).cpu().tolist()
+                mask = label.cpu().numpy()
             except Exception as error:  # noqa: BLE001 - one volume's failure (e.g. out of memory) must not end the run
-                reason = str(error) if isinstance(error, InputError) else f"{path}: {type(error).__name__}: {error}"
-                summary.failed[path] = reason
+                summary.failed[path] = _failure(path, error)
                 continue
             info = {"image": path, **(source_info or {})}
-            # gzip of the previous mask runs while the device segments the next volume
+            # gzip of the previous mask runs while the device segments the next one; at most two masks wait in memory
+            if len(pending) == 2:
+                collect_oldest()
             pending.append((path, writer.submit(write_mask, mask, item, targets[path], bundle.organ_names, info)))
             if volumes_rows is not None:
                 voxel_ml = abs(float(np.linalg.det(np.asarray(item["affine"])[:3, :3]))) / 1000.0
                 volumes_rows.append({"image": path, "mask": str(targets[path]), "voxel_ml": voxel_ml, "counts": counts})
-        for path, future in pending:
-            try:
-                summary.voxels += future.result()
-                summary.written.append(str(targets[path]))
-            except Exception as error:  # noqa: BLE001 - a full disk fails this file, not the run
-                summary.failed[path] = f"{path}: cannot write {targets[path]} ({type(error).__name__}: {error})."
+        while pending:
+            collect_oldest()
     summary.seconds = time.perf_counter() - start
     if volumes_rows is not None:
         written = set(summary.written)
