@@ -246,3 +246,20 @@ def test_default_device_notice_on_cpu(tiny_bundle, ct_folder, tmp_path, capsys, 
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "running on the CPU" in captured.err and "amp: off" in captured.out
+
+
+def test_a_volume_failing_on_the_device_does_not_end_the_run(tiny_bundle, ct_folder, tmp_path, capsys, monkeypatch):
+    import scripts.infer as infer
+
+    real_segment = infer.segment
+
+    def out_of_memory_on_lps(bundle, item, device, amp_dtype):
+        if item["path"].endswith("lps.nii.gz"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_segment(bundle, item, device, amp_dtype)
+
+    monkeypatch.setattr(infer, "segment", out_of_memory_on_lps)
+    assert main(infer_args(tiny_bundle, str(ct_folder), "--output", str(tmp_path))) == 1
+    assert sorted(p.name for p in tmp_path.glob("*.nii.gz")) == ["las_seg.nii.gz", "permuted_seg.nii.gz"]
+    report = capsys.readouterr().out
+    assert "2 written, 1 failed" in report and "out of GPU memory" in report and "--sw-batch-size" in report
