@@ -255,7 +255,9 @@ def _encode_indices(labels: torch.Tensor, num_classes: int, ignore_index: int | 
     return EncodedTarget(indices, None, mask, mask_weight, num_classes)
 
 
-def _dense_ignore_mask(dense: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _dense_ignore_mask(
+    dense: torch.Tensor, ignore_index: int | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """MONAI 1.6.1 ``create_ignore_mask`` on a ``(B, C, N)`` target, returned as ``(B, N)``."""
     if ignore_index is None:
         return None, None
@@ -311,7 +313,8 @@ class _FusedIndexOverlap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, indices, mask_weight, activation, power):
         dtype = compute_dtype(logits.dtype)
-        probs = _activate_into(logits, activation, torch.empty(logits.shape, dtype=dtype, device=logits.device), mask_weight)
+        buffer = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        probs = _activate_into(logits, activation, buffer, mask_weight)
         at_target = probs.gather(1, indices.unsqueeze(1))  # (B, 1, N): p of each voxel's own class
         tp = probs.new_zeros(probs.shape[:2]).scatter_add_(1, indices, at_target.squeeze(1))
         # the norm is a reduction without a squared copy (MONAI computes squared_pred the same way)

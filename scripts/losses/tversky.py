@@ -102,8 +102,9 @@ class FocalTverskyLoss(TverskyLoss):
     The paper weighs false negatives by 0.7 and false positives by 0.3 and finds gamma = 4/3 best (range
     [1, 3]); with MONAI's convention (``alpha`` weighs FP, ``beta`` FN) that is ``alpha=0.3, beta=0.7``.
     With gamma > 1 the exponent 1/gamma < 1 raises the loss and the gradient of nearly-right classes (TI near 1)
-    relative to Tversky, so small structures keep being refined late in training. Unlike the seed post and segmentation_models_pytorch, the power applies
-    to each class' ``1 - TI`` (not to the mean) and the exponent is ``1 / gamma`` (not ``gamma``).
+    relative to Tversky, so small structures keep being refined late in training. Unlike the seed post and
+    segmentation_models_pytorch, the power applies to each class' ``1 - TI`` (not to the mean) and the exponent
+    is ``1 / gamma`` (not ``gamma``).
 
     Args:
         gamma: focusing parameter, > 0; the exponent is ``1 / gamma``. Defaults to 4/3.

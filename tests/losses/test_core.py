@@ -224,7 +224,9 @@ def test_overlap_stats_include_background_drops_class_zero():
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 @pytest.mark.parametrize("squared_pred, soft_label", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("ignore_index", [None, SENTINEL, 2])
-def test_fused_stats_equal_unfused_in_values_and_gradients(monkeypatch, activation, squared_pred, soft_label, ignore_index):
+def test_fused_stats_equal_unfused_in_values_and_gradients(
+    monkeypatch, activation, squared_pred, soft_label, ignore_index
+):
     """The chunked autograd.Function equals activation + dense one-hot statistics, over several chunks."""
     monkeypatch.setattr(core, "_BACKWARD_CHUNKS", 3)  # chunks of at least 1024 voxels: 1200 voxels give two
     logits, labels = labels_and_logits(shape=(2, 3, 40, 30), seed=5)

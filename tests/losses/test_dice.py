@@ -18,7 +18,12 @@ from scripts.losses.core import LossInputError
 
 SENTINEL = 255
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-ACTIVATIONS = {"softmax": {"softmax": True}, "sigmoid": {"sigmoid": True}, "tanh": {"other_act": torch.tanh}, "none": {}}
+ACTIVATIONS = {
+    "softmax": {"softmax": True},
+    "sigmoid": {"sigmoid": True},
+    "tanh": {"other_act": torch.tanh},
+    "none": {},
+}
 
 
 def make_case(spatial, target_kind, ignore, num_classes=3, batch=2, seed=0):
@@ -67,7 +72,8 @@ def assert_same_as_monai(kwargs, logits, target, ours=DiceLoss, theirs=monai.los
 @pytest.mark.parametrize("ignore", [None, "class", "sentinel"])
 def test_equals_monai_dice(spatial, activation, target_kind, ignore):
     logits, target, ignore_index, to_onehot_y = make_case(spatial, target_kind, ignore)
-    for include_background, batch, reduction in itertools.product([True, False], [False, True], ["mean", "sum", "none"]):
+    grid = itertools.product([True, False], [False, True], ["mean", "sum", "none"])
+    for include_background, batch, reduction in grid:
         weight = None if reduction == "mean" else [0.5, 2.0, 1.0][1 - include_background :]
         kwargs = dict(
             include_background=include_background,
@@ -115,7 +121,8 @@ def test_jaccard_is_monai_dice_with_jaccard_and_iou_is_an_alias():
     logits, target, ignore_index, _ = make_case((6, 5), "index", "sentinel", num_classes=4)
     kwargs = dict(to_onehot_y=True, softmax=True, ignore_index=ignore_index, reduction="none")
     assert IoULoss is JaccardLoss
-    assert_same_as_monai(kwargs, logits, target, ours=JaccardLoss, theirs=lambda **kw: monai.losses.DiceLoss(jaccard=True, **kw))
+    monai_jaccard = lambda **kw: monai.losses.DiceLoss(jaccard=True, **kw)  # noqa: E731
+    assert_same_as_monai(kwargs, logits, target, ours=JaccardLoss, theirs=monai_jaccard)
     assert JaccardLoss().jaccard and not DiceLoss().jaccard
     with pytest.raises(TypeError):
         JaccardLoss(jaccard=False)
@@ -235,7 +242,9 @@ def test_ignored_voxels_change_nothing(case, ignore_index, batch_reduced):
     logits, labels, ignored = random_case(batch, classes, spatial, seed)
     labels = labels.masked_fill(ignored, ignore_index) if ignore_index != 1 else labels
     ignored = labels == ignore_index
-    loss = DiceLoss(include_background, True, softmax=True, jaccard=jaccard, batch=batch_reduced, ignore_index=ignore_index)
+    loss = DiceLoss(
+        include_background, True, softmax=True, jaccard=jaccard, batch=batch_reduced, ignore_index=ignore_index
+    )
     value, grad = loss_and_grad(loss, logits, labels)
     scrambled = torch.where(ignored, 50 * torch.randn_like(logits), logits)
     scrambled_value, scrambled_grad = loss_and_grad(loss, scrambled, labels)
@@ -289,7 +298,7 @@ def test_non_finite_logits_give_non_finite_loss():
         ({"to_onehot_y": True}, (2, 3, 4, 5), torch.full((2, 1, 4, 5), -1), r"integers in \[0, 3\)"),
         ({"to_onehot_y": True}, (2, 3, 4, 5), torch.full((2, 1, 4, 5), 1.5), r"integers in \[0, 3\)"),
         ({"to_onehot_y": True, "ignore_index": 255}, (2, 3, 4, 5), torch.full((2, 1, 4, 5), 254), "ignore_index=255"),
-        ({"include_background": False, "weight": [1, 2, 3]}, (2, 3, 4, 5), torch.zeros(2, 3, 4, 5), "weight has 3 values"),
+        ({"include_background": False, "weight": [1, 2, 3]}, (2, 3, 4, 5), torch.zeros(2, 3, 4, 5), "weight has 3"),
         ({"weight": [1, 2]}, (2, 3, 4, 5), torch.zeros(2, 3, 4, 5), "weight has 2 values"),
         ({}, (2, 3), torch.zeros(2, 3), "at least 3 dims"),
     ],

@@ -18,7 +18,12 @@ from scripts.losses.core import LossInputError
 
 SENTINEL = 255
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-ACTIVATIONS = {"softmax": {"softmax": True}, "sigmoid": {"sigmoid": True}, "tanh": {"other_act": torch.tanh}, "none": {}}
+ACTIVATIONS = {
+    "softmax": {"softmax": True},
+    "sigmoid": {"sigmoid": True},
+    "tanh": {"other_act": torch.tanh},
+    "none": {},
+}
 
 
 def make_case(spatial, target_kind, ignore, num_classes=3, batch=2, seed=0):
@@ -82,7 +87,8 @@ def test_weight_multiplies_monai_per_class_tversky(batch):
     weight = torch.tensor([0.5, 2.0, 1.5])
     per_class = monai.losses.TverskyLoss(reduction="none", **kwargs)(logits, target)
     torch.testing.assert_close(TverskyLoss(weight=weight, **kwargs)(logits, target), (per_class * weight).mean(), **TOL)
-    torch.testing.assert_close(TverskyLoss(weight=weight, reduction="none", **kwargs)(logits, target), per_class * weight, **TOL)
+    per_class_weighted = TverskyLoss(weight=weight, reduction="none", **kwargs)(logits, target)
+    torch.testing.assert_close(per_class_weighted, per_class * weight, **TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,7 +142,10 @@ def test_focal_tversky_with_gamma_one_is_tversky(target_kind):
     kwargs = dict(to_onehot_y=to_onehot_y, softmax=True, ignore_index=ignore_index, alpha=0.3, beta=0.7,
                   soft_label=target_kind == "soft", reduction="none")
     torch.testing.assert_close(
-        FocalTverskyLoss(gamma=1.0, **kwargs)(logits, target), TverskyLoss(**kwargs)(logits, target), rtol=1e-6, atol=1e-7
+        FocalTverskyLoss(gamma=1.0, **kwargs)(logits, target),
+        TverskyLoss(**kwargs)(logits, target),
+        rtol=1e-6,
+        atol=1e-7,
     )
 
 
@@ -252,7 +261,8 @@ def test_ignored_voxels_change_nothing(case, ignore_index):
     ignored = labels == ignore_index
     loss = loss_class(include_background, True, softmax=True, alpha=alpha, beta=beta, ignore_index=ignore_index)
     value, grad = loss_and_grad(loss, logits, labels)
-    scrambled_value, scrambled_grad = loss_and_grad(loss, torch.where(ignored, 50 * torch.randn_like(logits), logits), labels)
+    scrambled = torch.where(ignored, 50 * torch.randn_like(logits), logits)
+    scrambled_value, scrambled_grad = loss_and_grad(loss, scrambled, labels)
     torch.testing.assert_close(scrambled_value, value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scrambled_grad, grad, rtol=1e-12, atol=1e-12)
     assert (grad.masked_select(ignored.expand_as(grad)) == 0).all()
@@ -270,7 +280,8 @@ def test_all_ignored_batch_is_finite_with_zero_gradient(loss_class, batch):
 def test_all_background_batch_is_finite(loss_class):
     logits = torch.randn(2, 3, 4, 5)
     logits[:, 0] += 30
-    value, grad = loss_and_grad(loss_class(include_background=False, to_onehot_y=True, softmax=True), logits, torch.zeros(2, 1, 4, 5))
+    loss = loss_class(include_background=False, to_onehot_y=True, softmax=True)
+    value, grad = loss_and_grad(loss, logits, torch.zeros(2, 1, 4, 5))
     assert torch.isfinite(value) and torch.isfinite(grad).all() and value < 1e-2
 
 
