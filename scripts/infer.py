@@ -443,13 +443,16 @@ def format_summary(summary: Summary) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.infer", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                     epilog="exit status: 0 all written, 1 some input failed or was skipped, "
+                                            "2 usage or configuration error")  # fmt: skip
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="NIfTI files, folders of them, datalist JSON files or MSD dataset.json files")
     parser.add_argument("--output", required=True, type=Path, help="folder of the masks (created when missing)")
     parser.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)],
-                        help="inference config file(s); later files override earlier ones, as in monai.bundle run")
-    parser.add_argument("--meta", default=str(DEFAULT_META), help="metadata.json with the organ names (channel_def)")
+                        help="inference config file(s); later files override earlier ones, as in monai.bundle run "
+                             "(default: configs/inference.json)")
+    parser.add_argument("--meta", default=str(DEFAULT_META), help="metadata.json with the organ names (channel_def) "
+                        "(default: configs/metadata.json)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
@@ -460,7 +463,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="sliding-window size in voxels (default: the config's)")
     parser.add_argument("--num-workers", type=int, default=min(4, max((os.cpu_count() or 1) - 1, 0)),
-                        help="DataLoader workers loading the next volumes while one is segmented")
+                        help="DataLoader workers loading the next volumes while one is segmented "
+                             "(default: min(4, CPU cores - 1))")
     parser.add_argument("--volumes-csv", type=Path, default=None, help="write per-organ volumes in mL to this CSV")
     parser.add_argument("--summary-json", type=Path, default=None, help="write the run summary to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and CSV")
@@ -477,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu.")
         amp = args.amp or default_amp(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every window has the same shape: pick the fastest conv once
         if args.sw_batch_size is not None and args.sw_batch_size < 1:
             raise ValueError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}.")
         if args.overlap is not None and not 0 <= args.overlap < 1:
