@@ -328,6 +328,12 @@ class _FusedIndexOverlap(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pred_volume, grad_tp):
+        # .backward() may be called inside an autocast region; the gradient is computed in float32 regardless
+        with torch.autocast(grad_tp.device.type, enabled=False):
+            return _FusedIndexOverlap._backward(ctx, grad_pred_volume, grad_tp)
+
+    @staticmethod
+    def _backward(ctx, grad_pred_volume, grad_tp):
         logits, indices, mask_weight = ctx.saved_tensors
         index = indices.unsqueeze(1)
         # the probabilities are turned into the gradient below
@@ -616,16 +622,19 @@ class RegionLoss(torch.nn.Module):
             for float64 input).
         """
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
-        tp, fp, fn = activated_overlap_stats(
-            input,
-            encoded,
-            self.sigmoid,
-            self.softmax,
-            self.other_act,
-            self.include_background,
-            self.batch,
-            self.squared_pred,
-            self.soft_label,
-        )
+        # autocast would run the sums (bmm) in half precision: the loss is float32 by design
+        with torch.autocast(input.device.type, enabled=False):
+            tp, fp, fn = activated_overlap_stats(
+                input,
+                encoded,
+                self.sigmoid,
+                self.softmax,
+                self.other_act,
+                self.include_background,
+                self.batch,
+                self.squared_pred,
+                self.soft_label,
+            )
+            per_class = self.per_class_loss(tp, fp, fn)
         spatial_dims = input.ndim - 2 if self.none_keeps_spatial_axes else None
-        return reduce_loss(self.per_class_loss(tp, fp, fn), self.reduction, self.class_weight, spatial_dims)
+        return reduce_loss(per_class, self.reduction, self.class_weight, spatial_dims)

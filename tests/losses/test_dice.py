@@ -334,3 +334,16 @@ def test_bad_arguments_raise_at_construction(kwargs, message):
 def test_non_callable_other_act_is_a_type_error_as_in_monai():
     with pytest.raises(TypeError, match="other_act"):
         DiceLoss(other_act="tanh")
+
+
+@pytest.mark.parametrize("target_kind, ignore", [("index", "sentinel"), ("onehot", "class"), ("index", None)])
+def test_bfloat16_autocast_gives_the_float32_loss(target_kind, ignore):
+    """Under AMP the sums (bmm) must not drop to bfloat16: the loss is computed in float32 regardless."""
+    logits, target, ignore_index, to_onehot_y = make_case((8, 7, 6), target_kind, ignore, num_classes=4)
+    loss = DiceLoss(to_onehot_y=to_onehot_y, softmax=True, ignore_index=ignore_index, squared_pred=ignore is None)
+    expected, expected_grad = loss_and_grad(loss, logits, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, grad = loss_and_grad(loss, logits, target)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
