@@ -214,7 +214,10 @@ def load_bundle(config_files: list[str], meta_file: str, device: torch.device, m
     ckpt_path = model or parser.get_parsed_content("ckpt_path", default=None)
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise ValueError(f"checkpoint {ckpt_path} does not exist; train the bundle or pass --model <model.pt>.")
-    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as error:  # an unpickling error is no ValueError; say which file it was
+        raise ValueError(f"checkpoint {ckpt_path} is not a readable PyTorch checkpoint: {error}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # CheckpointSaver's multi-object layout
         state = state["model"]
     try:

@@ -6,6 +6,8 @@ import csv
 import gzip
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -224,10 +226,44 @@ def test_msd_dataset_json_input(tiny_bundle, ct_folder, tmp_path):
     assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["lps_seg.nii.gz"]
 
 
-@pytest.mark.parametrize("flag", [["--model", "/nonexistent/model.pt"], ["--overlap", "1.0"], ["--sw-batch-size", "0"]])
-def test_usage_errors_exit_2(tiny_bundle, ct_folder, tmp_path, capsys, flag):
-    assert main([*infer_args(tiny_bundle, str(ct_folder), "--output", str(tmp_path / "o")), *flag]) == 2
-    assert "scripts.infer: error:" in capsys.readouterr().err
+def _checkpoint(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    else:  # a state dict of another network
+        torch.save({"model": {"weight": torch.zeros(3)}}, path)
+    return str(path)
+
+
+USAGE_ERRORS = {
+    "missing checkpoint": (lambda tmp: ["--model", "/nonexistent/model.pt"], "does not exist"),
+    "garbage checkpoint": (lambda tmp: ["--model", _checkpoint(tmp, "garbage")], "not a readable PyTorch checkpoint"),
+    "other network": (lambda tmp: ["--model", _checkpoint(tmp, "other")], "does not fit the config's network_def"),
+    "overlap 1": (lambda tmp: ["--overlap", "1.0"], "--overlap must be in [0, 1)"),
+    "no windows": (lambda tmp: ["--sw-batch-size", "0"], "--sw-batch-size must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_errors_exit_2_before_any_output(tiny_bundle, ct_folder, tmp_path, capsys, case):
+    flags, message = USAGE_ERRORS[case]
+    assert main([*infer_args(tiny_bundle, str(ct_folder), "--output", str(tmp_path / "o")), *flags(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "scripts.infer: error:" in err and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_command_line_exit_status(tiny_bundle, ct_folder, tmp_path):
+    """``python -m scripts.infer`` from the bundle root: a bad file among good ones gives exit status 1."""
+    shutil.copy(ct_folder / "las.nii.gz", tmp_path / "good.nii.gz")
+    _corrupt(tmp_path / "bad.nii.gz")
+    args = infer_args(tiny_bundle, str(tmp_path / "good.nii.gz"), str(tmp_path / "bad.nii.gz"), "--output",
+                      str(tmp_path / "o"))  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "scripts.infer", *args], cwd=BUNDLE_ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert "1 written, 1 failed" in run.stdout and f"FAILED {tmp_path / 'bad.nii.gz'}" in run.stdout
+    assert (tmp_path / "o" / "good_seg.nii.gz").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
