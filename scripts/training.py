@@ -49,7 +49,7 @@ class EpochCheckpoints:
 
     The trainer itself is added at ``attach`` time, which a config cannot do without a circular reference.
     Only the newest epoch checkpoint is kept (``checkpoint_epoch=<N>.pt``), so an interrupted run loses at
-    most its current epoch.
+    most its current epoch. Under ``torch.distributed`` every rank resumes and only rank 0 writes.
 
     Args:
         checkpoint_dir: folder of the epoch checkpoints.
@@ -71,7 +71,9 @@ class EpochCheckpoints:
             path = resume_checkpoint(self.checkpoint_dir)
             CheckpointLoader(load_path=path, load_dict=save_dict, map_location="cpu").attach(engine)
             print(f"resuming from {path}", flush=True)
-        CheckpointSaver(self.checkpoint_dir, save_dict, save_interval=1, epoch_level=True, n_saved=1).attach(engine)
+        # every rank loads (above), only rank 0 writes: under DDP all ranks hold the same weights
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            CheckpointSaver(self.checkpoint_dir, save_dict, save_interval=1, epoch_level=True, n_saved=1).attach(engine)
 
 
 class StopOnNonFiniteLoss:
