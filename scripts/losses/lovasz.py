@@ -37,7 +37,10 @@ CLASS_SELECTIONS = ("present", "all")
 
 
 def lovasz_grad(
-    fg_sorted: torch.Tensor, valid_count: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    fg_sorted: torch.Tensor,
+    valid_count: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    fg_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the Lovasz extension of the Jaccard loss (Algorithm 1 of Berman et al. 2018), batched.
 
@@ -47,6 +50,8 @@ def lovasz_grad(
         valid_count: ``(..., 1)`` (broadcastable) number of voxels that count at the start of each row; the
             rest of the row is padding and gets gradient 0. Defaults to None (all ``N`` count).
         dtype: floating dtype of the result. Defaults to None (``fg_sorted``'s, which must then be floating).
+        fg_total: ``(..., 1)`` foreground of each whole problem when the rows hold only its first voxels in
+            the order. Defaults to None (the sum of each row).
 
     Returns:
         ``(..., N)`` tensor.
@@ -56,7 +61,7 @@ def lovasz_grad(
     if valid_count is not None:
         seen = torch.minimum(seen, valid_count)  # padding adds no voxel to the set
     fg_seen = fg_sorted.cumsum(-1, dtype=dtype)
-    fg_total = fg_seen[..., -1:].clone()
+    fg_total = fg_seen[..., -1:].clone() if fg_total is None else fg_total.to(dtype)
     # Jaccard loss of the set S of the i largest errors, |S| / |fg u S| (= 1 - |fg \ S| / |fg u S| of
     # Algorithm 1); |fg u S| >= 1 except in a row with no valid voxel, where the clamp gives a zero gradient.
     # In place: these rows are as large as the logits.
@@ -73,41 +78,66 @@ def _pool_batch(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(0, 1).reshape(1, tensor.shape[1], -1)
 
 
+def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns holding the True entries of each row of ``(R, N)`` ``candidates``, as ``(R, M)`` columns, the
+    count of each row ``(R, 1)`` and an ``(R, M)`` mask of the entries that are not candidates.
+
+    Rows are left-aligned into ``M`` = the largest count when that at least halves the rows; otherwise the
+    full rows are kept (index lists as long as the rows would cost more than they save).
+    """
+    count = candidates.sum(-1, keepdim=True)
+    width = int(count.max()) if count.numel() else 0
+    if 2 * width > candidates.shape[-1]:
+        columns = torch.arange(candidates.shape[-1], device=candidates.device).expand(candidates.shape)
+        return columns, count, ~candidates
+    rows, columns = candidates.nonzero(as_tuple=True)  # row-major: each row's columns in order
+    slots = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows, 0]
+    compact = columns.new_zeros(candidates.shape[0], width)
+    compact[rows, slots] = columns
+    return compact, count, torch.arange(width, device=compact.device) >= count
+
+
 def lovasz_weights(
-    errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = True
+    errors: torch.Tensor, fg: torch.Tensor, candidates: torch.Tensor, per_image: bool = True
 ) -> torch.Tensor:
     """Per-voxel weights ``w`` such that ``errors * w`` summed over a problem is its Lovasz extension.
 
     The extension is linear in the errors once their order is fixed (eq. 9), so autograd only has to keep
     ``w``: no sort, gather, permutation or batch-pooling copy enters the graph, and the single sort of all
-    problems runs without gradient.
+    problems runs without gradient. Only ``candidates`` are sorted: every voxel left out must have an error
+    no larger than every candidate's and contribute nothing there (past the last foreground voxel of a
+    problem the Jaccard loss of the prefix stays 1, so the gradient is 0; a hinge error <= 0 adds 0). The
+    candidates then form a prefix of the full order, whose gradient is the same.
 
     Args:
         errors: ``(B, C, N)`` errors of each image and class.
         fg: ``(B, C, N)`` ground truth (bool, or float for soft targets), 0 at voxels that do not count.
-        valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None (all count).
+        candidates: ``(B, C, N)`` bool, the voxels that may get a non-zero weight; never an ignored voxel.
         per_image: one problem per image and class; False pools each class over the batch. Defaults to True.
 
     Returns:
-        ``(B, C, N)`` weights (a view when ``per_image=False``).
+        ``(B, C, N)`` weights, 0 outside ``candidates`` (a view when ``per_image=False``).
     """
+    batch, classes, voxels = errors.shape
     with torch.no_grad():
-        key = errors.detach()
-        valid_count = None
-        if valid is not None:
-            key = key.masked_fill(~valid, -torch.inf)  # sorts last in descending order
-            valid_count = valid.sum(-1, keepdim=True) if per_image else valid.sum().view(1, 1, 1)
-            valid_count = valid_count.to(errors.dtype)
+        errors = errors.detach()
         if not per_image:
-            key, fg = _pool_batch(key), _pool_batch(fg)
-        sorted_key, order = key.sort(dim=-1, descending=True)
-        del key  # the rows are as large as the logits: free each one as soon as it is used
-        fg_sorted = fg.gather(-1, order)
-        del fg
-        weights = sorted_key.scatter_(-1, order, lovasz_grad(fg_sorted, valid_count, errors.dtype))
+            errors, fg, candidates = _pool_batch(errors), _pool_batch(fg), _pool_batch(candidates)
+        rows_shape = errors.shape
+        errors, fg = errors.reshape(-1, rows_shape[-1]), fg.reshape(-1, rows_shape[-1])
+        columns, count, excluded = _compact(candidates.reshape(-1, rows_shape[-1]))
+        key = errors.gather(-1, columns).masked_fill_(excluded, -torch.inf)  # sorts after every candidate
+        order = key.sort(dim=-1, descending=True).indices
+        del key, excluded
+        columns = columns.gather(-1, order)
+        padding = torch.arange(columns.shape[-1], device=columns.device) >= count  # the tail of each sorted row
+        fg_sorted = fg.gather(-1, columns).masked_fill_(padding, 0)
+        fg_total = fg.sum(-1, keepdim=True, dtype=errors.dtype)  # candidates may leave foreground out
+        grad = lovasz_grad(fg_sorted, count.to(errors.dtype), errors.dtype, fg_total)
+        weights = torch.zeros_like(errors).scatter_add_(-1, columns, grad).view(rows_shape)
         if per_image:
             return weights
-        return weights.view(errors.shape[1], errors.shape[0], -1).transpose(0, 1)
+        return weights.view(classes, batch, voxels).transpose(0, 1)
 
 
 def _drop_ignored(errors: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -139,8 +169,9 @@ def lovasz_hinge(
         errors = torch.where(fg, 1 - logits, 1 + logits)
     else:
         errors = 1 - logits * (2 * fg - 1)
-    errors = _drop_ignored(errors, valid)
-    return _problem_sum(torch.relu(errors) * lovasz_weights(errors, fg, valid, per_image), per_image)
+    errors = _drop_ignored(errors, valid)  # ignored voxels: error 0, so never a candidate
+    weights = lovasz_weights(errors, fg, errors > 0, per_image)  # errors <= 0 add nothing to the hinge
+    return _problem_sum(torch.relu(errors) * weights, per_image)
 
 
 def lovasz_softmax(
@@ -159,7 +190,24 @@ def lovasz_softmax(
     """
     errors = torch.where(fg, 1 - probs, probs) if fg.dtype == torch.bool else (fg - probs).abs()
     errors = _drop_ignored(errors, valid)
-    return _problem_sum(errors * lovasz_weights(errors, fg, valid, per_image), per_image)
+    candidates = _softmax_candidates(errors, fg if fg.dtype == torch.bool else fg > 0, valid, per_image)
+    return _problem_sum(errors * lovasz_weights(errors, fg, candidates, per_image), per_image)
+
+
+def _softmax_candidates(
+    errors: torch.Tensor, is_fg: torch.Tensor, valid: torch.Tensor | None, per_image: bool
+) -> torch.Tensor:
+    """The voxels of each problem that can get a Lovasz weight: its foreground and every voxel whose error is at
+    least the smallest foreground error; in a problem without foreground, the voxels at its largest error
+    (the extension is then that error). ``is_fg`` is False at ignored voxels."""
+    dims = -1 if per_image else (0, -1)
+    smallest_fg_error = errors.masked_fill(~is_fg, torch.inf).amin(dims, keepdim=True)
+    if valid is not None:
+        errors = errors.masked_fill(~valid, -torch.inf)
+    largest_error = errors.amax(dims, keepdim=True)
+    has_fg = is_fg.any(-1, keepdim=True) if per_image else is_fg.any(-1, keepdim=True).any(0, keepdim=True)
+    candidates = is_fg | (errors >= torch.where(has_fg, smallest_fg_error, largest_error))
+    return candidates if valid is None else candidates & valid
 
 
 def _problems(

@@ -118,10 +118,26 @@ def test_lovasz_weights_reproduce_sorted_dot():
     generator = torch.Generator().manual_seed(3)
     errors = torch.rand(4, 3, 50, generator=generator)
     fg = (torch.rand(4, 3, 50, generator=generator) < 0.4).float()
-    value = (errors * lovasz_weights(errors, fg)).sum(-1)
+    value = (errors * lovasz_weights(errors, fg, torch.ones_like(fg, dtype=torch.bool))).sum(-1)
+    # past the last foreground voxel the gradient is 0: sorting only the voxels above it changes nothing
+    above = fg.bool() | (errors >= errors.masked_fill(fg == 0, 2.0).amin(-1, keepdim=True))
+    assert above.sum() < above.numel()
+    torch.testing.assert_close((errors * lovasz_weights(errors, fg, above)).sum(-1), value)
     for index in itertools.product(range(4), range(3)):
         sorted_errors, order = errors[index].sort(descending=True)
         torch.testing.assert_close(value[index], sorted_errors @ lovasz_grad_reference(fg[index][order]))
+
+
+@pytest.mark.parametrize("fg_fraction", [0.1, 0.6])
+def test_lovasz_weights_with_compacted_candidates(fg_fraction):
+    # foreground errors above every background error: only the foreground can have a weight, which _compact
+    # left-aligns (fg_fraction 0.1) or keeps in full rows (0.6)
+    generator = torch.Generator().manual_seed(4)
+    fg = torch.rand(3, 2, 60, generator=generator) < fg_fraction
+    errors = 0.5 * torch.rand(3, 2, 60, generator=generator) + 0.5 * fg
+    for per_image in (True, False):
+        full = lovasz_weights(errors, fg, torch.ones_like(fg), per_image)
+        torch.testing.assert_close(lovasz_weights(errors, fg, fg, per_image), full)
 
 
 def test_hinge_by_hand_uses_raw_logits():
