@@ -85,27 +85,70 @@ def _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta: float) -> torc
 
 def _chunk_sums(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, softmax: bool, beta: float):
     """``(3, B, C)``: predicted volume, TP and weighted-CE sum of one voxel chunk of logits with index labels."""
-    if softmax:
-        log_p = logits.log_softmax(1)
-        log_1mp, probs = log1m_softmax(log_p), log_p.exp()
-    else:
-        log_p, log_1mp, probs = F.logsigmoid(logits), F.logsigmoid(-logits), torch.sigmoid(logits)
-    if mask is not None:
-        mask = mask.to(probs)
-    pred_volume = probs.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", probs, mask)
+    log_p, log_1mp, probs = _chunk_likelihoods(logits, softmax)
+    pred_volume = probs.sum(-1) if mask is None else torch.bmm(probs, mask.unsqueeze(-1)).squeeze(-1)
     at_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     tp = torch.zeros_like(pred_volume).scatter_add(1, labels, at_label if mask is None else at_label * mask)
     return torch.stack((pred_volume, tp, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
 
 
+def _chunk_likelihoods(logits: torch.Tensor, softmax: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p, log(1 - p), p)`` of a ``(B, C, n)`` chunk of logits."""
+    if softmax:
+        log_p = logits.log_softmax(1)
+        return log_p, log1m_softmax(log_p), log_p.exp()
+    return F.logsigmoid(logits), F.logsigmoid(-logits), torch.sigmoid(logits)
+
+
+def _chunk_grad(logits, labels, mask, softmax: bool, beta: float, grad_sums: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``sum(grad_sums * _chunk_sums(...))`` w.r.t. a ``(B, C, n)`` chunk, written out by hand:
+    a few large ops instead of autograd's graph of many small ones.
+
+    With ``G_v, G_tp, G_ce`` the upstream gradients of the three sums (``(B, C)``), mask ``m`` and the one-vs-rest
+    CE weight ``h_c = -(1 - beta) m G_ce_c`` on the classes other than the label ``y`` (0 at ``y``):
+
+        dL/dp_c      = m G_v_c + [c = y] m G_tp_c
+        dL/dlog p_y  = -beta m G_ce_y
+        dL/dlog(1 - p_c) = h_c
+    """
+    log_p, log_1mp, probs = _chunk_likelihoods(logits, softmax)
+    index = labels.unsqueeze(1)
+    grad_volume, grad_tp, grad_ce = (g.unsqueeze(-1) for g in grad_sums)  # (B, C, 1) each
+    negative = (grad_ce * (beta - 1)).expand_as(logits) if mask is None else (grad_ce * (beta - 1)) * mask.unsqueeze(1)
+    negative = negative.scatter(1, index, 0.0)  # h: the label's own class has no negative term
+    label_grad_tp, label_grad_ce = (g.squeeze(-1).gather(1, labels).unsqueeze(1) for g in (grad_tp, grad_ce))
+    at_label = label_grad_tp * probs.gather(1, index) - beta * label_grad_ce  # (B, 1, n)
+    if mask is not None:
+        at_label = at_label * mask.unsqueeze(1)
+    if not softmax:
+        # d p / dx = p (1 - p), d log p / dx = 1 - p, d log(1 - p) / dx = -p
+        grad = probs * (1 - probs) * (grad_volume if mask is None else grad_volume * mask.unsqueeze(1))
+        grad -= negative * probs
+        # at_label holds the label's dL/dp * p and dL/dlog p: both times (1 - p_y) through the sigmoid
+        return grad.scatter_add_(1, index, at_label * (1 - probs.gather(1, index)))
+    # gradient w.r.t. log p first, then through log-softmax: dL/dx_j = g_j - p_j sum_k g_k.
+    # log(1 - p_c) = log1p(-exp(log p_c)) has d/dlog p_c = -p_c / (1 - p_c) <= 1 where p_c <= 1/2; for the (at most
+    # one) dominant class d it is logsumexp_{k != d} log p_k, with d/dlog p_k = p_k / (1 - p_d) <= 1: both bounded,
+    # so saturated logits give finite gradients (as log1m_softmax's own autograd does).
+    dominant = log_p > -math.log(2.0)
+    dominant_weight = (negative * dominant).sum(1, keepdim=True)  # h_d, 0 without a dominant class
+    dominant_log_1mp = (log_1mp * dominant).sum(1, keepdim=True)  # log(1 - p_d)
+    grad_log_p = probs * (grad_volume if mask is None else grad_volume * mask.unsqueeze(1))
+    log_1mp.sub_(log_p).neg_().exp_()  # p_c / (1 - p_c)
+    others = (log_p - dominant_log_1mp).exp_().mul_(dominant_weight)  # h_d p_k / (1 - p_d)
+    grad_log_p += torch.where(dominant, 0.0, others.sub_(log_1mp.mul_(negative)))
+    grad_log_p.scatter_add_(1, index, at_label)
+    return grad_log_p.sub_(probs.mul_(grad_log_p.sum(1, keepdim=True)))
+
+
 # voxels per chunk of the memory-light path: bounds its temporaries to a few MB whatever the volume
-# TODO(core): a public chunked-sums helper in core would serve every voxel-wise term (core's is private)
 _CHUNK_ELEMENTS = 1 << 19
 
 
 class _ChunkedIndexSums(torch.autograd.Function):
-    """``_chunk_sums`` over the whole volume, one chunk at a time, and recomputed chunk by chunk in backward:
-    the only full-size tensor kept or built is the logits' gradient (no probabilities, logs or one-hot)."""
+    """``_chunk_sums`` over the whole volume, one chunk at a time, and recomputed chunk by chunk in backward with
+    the hand-written gradient of ``_chunk_grad``: the only full-size tensor kept or built is the logits' gradient
+    (no probabilities, logs or one-hot)."""
 
     @staticmethod
     def forward(ctx, logits, labels, mask, softmax, beta):
@@ -113,26 +156,36 @@ class _ChunkedIndexSums(torch.autograd.Function):
         ctx.save_for_backward(logits, labels, mask)
         ctx.softmax, ctx.beta, ctx.step = softmax, beta, step
         total = None
-        for start in range(0, logits.shape[-1], step):
-            chunk = logits[:, :, start : start + step].to(compute_dtype(logits.dtype)).contiguous()
-            chunk_mask = None if mask is None else mask[:, start : start + step]
-            sums = _chunk_sums(chunk, labels[:, start : start + step], chunk_mask, softmax, beta)
+        for chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, step):
+            sums = _chunk_sums(chunk, chunk_labels, chunk_mask, softmax, beta)
             total = sums if total is None else total + sums
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         logits, labels, mask = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[-1], ctx.step):
-            with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
-                chunk = logits[:, :, start : start + ctx.step].detach().to(compute_dtype(logits.dtype))
-                chunk = chunk.contiguous().requires_grad_()
-                chunk_mask = None if mask is None else mask[:, start : start + ctx.step]
-                sums = _chunk_sums(chunk, labels[:, start : start + ctx.step], chunk_mask, ctx.softmax, ctx.beta)
-                (chunk_grad,) = torch.autograd.grad(sums, chunk, grad_sums)
-            grad[:, :, start : start + ctx.step] = chunk_grad
+        with torch.autocast(logits.device.type, enabled=False):
+            grad_sums = grad_sums.to(compute_dtype(logits.dtype))
+            for start, (chunk, chunk_labels, chunk_mask) in zip(
+                range(0, logits.shape[-1], ctx.step), _chunks(logits, labels, mask, ctx.step)
+            ):
+                chunk_grad = _chunk_grad(chunk, chunk_labels, chunk_mask, ctx.softmax, ctx.beta, grad_sums)
+                grad[:, :, start : start + ctx.step] = chunk_grad
         return grad, None, None, None, None
+
+
+def _chunks(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, step: int):
+    """``(logits, labels, mask)`` of each run of ``step`` voxels, logits in the compute dtype, mask as its float."""
+    dtype = compute_dtype(logits.dtype)
+    for start in range(0, logits.shape[-1], step):
+        stop = start + step
+        yield (
+            logits[:, :, start:stop].to(dtype).contiguous(),
+            labels[:, start:stop],
+            None if mask is None else mask[:, start:stop].to(dtype),
+        )
 
 
 def combo_sums(
