@@ -7,8 +7,9 @@ The Lovasz extension of the Jaccard loss at an error vector ``m`` is ``sum_i m_(
 in decreasing order times the gradient ``g`` of Algorithm 1. Every problem (an image and class with
 ``per_image=True``, else a class over the whole batch) is one row of a single sort that runs without
 gradient; its result is scattered back as per-voxel weights, so autograd only sees ``sum(errors * weights)``.
-Ignored voxels get the error ``-inf`` for the sort, so they come last in their row and the row's count of
-valid voxels stands in for rows of different lengths.
+Only the voxels that can get a non-zero weight are sorted (past a problem's last foreground voxel the gradient
+is 0, and a hinge error <= 0 adds nothing), never an ignored one; rows of different lengths are padded with
+``-inf`` so the padding sorts last and each row's count stands in for its length.
 """
 
 from __future__ import annotations
