@@ -79,18 +79,17 @@ def _pool_batch(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(0, 1).reshape(1, tensor.shape[1], -1)
 
 
-def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Columns holding the True entries of each row of ``(R, N)`` ``candidates``, as ``(R, M)`` columns, the
     count of each row ``(R, 1)`` and an ``(R, M)`` mask of the entries that are not candidates.
 
     Rows are left-aligned into ``M`` = the largest count when that at least halves the rows; otherwise the
-    full rows are kept (index lists as long as the rows would cost more than they save).
+    full rows are kept and the columns are None (index lists as long as the rows would cost more than they save).
     """
     count = candidates.sum(-1, keepdim=True)
     width = int(count.max()) if count.numel() else 0
     if 2 * width > candidates.shape[-1]:
-        columns = torch.arange(candidates.shape[-1], device=candidates.device).expand(candidates.shape)
-        return columns, count, ~candidates
+        return None, count, ~candidates
     rows, columns = candidates.nonzero(as_tuple=True)  # row-major: each row's columns in order
     slots = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows, 0]
     compact = columns.new_zeros(candidates.shape[0], width)
@@ -127,10 +126,14 @@ def lovasz_weights(
         rows_shape = errors.shape
         errors, fg = errors.reshape(-1, rows_shape[-1]), fg.reshape(-1, rows_shape[-1])
         columns, count, excluded = _compact(candidates.reshape(-1, rows_shape[-1]))
-        key = errors.gather(-1, columns).masked_fill_(excluded, -torch.inf)  # sorts after every candidate
+        # what is not a candidate sorts after every candidate
+        if columns is None:
+            key = errors.masked_fill(excluded, -torch.inf)
+        else:
+            key = errors.gather(-1, columns).masked_fill_(excluded, -torch.inf)
         order = key.sort(dim=-1, descending=True).indices
         del key, excluded
-        columns = columns.gather(-1, order)
+        columns = order if columns is None else columns.gather(-1, order)
         padding = torch.arange(columns.shape[-1], device=columns.device) >= count  # the tail of each sorted row
         fg_sorted = fg.gather(-1, columns).masked_fill_(padding, 0)
         fg_total = fg.sum(-1, keepdim=True, dtype=errors.dtype)  # candidates may leave foreground out
