@@ -301,8 +301,23 @@ def _activate_into(logits: torch.Tensor, activation: str, out: torch.Tensor, mas
     return out
 
 
+def _softmax_via_log_softmax_into(logits, indices, out: torch.Tensor, mask_weight: torch.Tensor | None):
+    """Masked softmax of ``(B, C, N)`` logits written into ``out`` as exp(log-softmax), and the unmasked
+    ``log p[target]`` ``(B, N)`` taken on the way: one full-size buffer holds both, one after the other."""
+    torch.log_softmax(logits, 1, dtype=out.dtype, out=out)
+    log_at_target = out.gather(1, indices.unsqueeze(1)).squeeze(1)
+    probs = out.exp_()
+    if mask_weight is not None:
+        probs.mul_(mask_weight.unsqueeze(1).to(out.dtype))
+    return probs, log_at_target
+
+
 class _FusedIndexOverlap(torch.autograd.Function):
     """``(sum_n m p^k, sum_n m p[target])`` per image and class from logits and index targets (mask m in {0, 1}).
+
+    With ``with_log_likelihood`` (softmax only) also ``log p[target]`` per voxel, ``(B, N)``, unmasked: the
+    log-softmax is then computed once for both (a cross-entropy built on it needs no second softmax), and
+    its gradient ``g_n`` (``[c = target] - p_c`` times it) is folded into the same backward.
 
     Memory: the forward writes the masked probabilities into one buffer, which the backward turns, in place,
     into the logits' gradient; so beyond that gradient (which any loss allocates) only per-voxel vectors and
@@ -311,10 +326,13 @@ class _FusedIndexOverlap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, indices, mask_weight, activation, power):
+    def forward(ctx, logits, indices, mask_weight, activation, power, with_log_likelihood=False):
         dtype = compute_dtype(logits.dtype)
         buffer = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-        probs = _activate_into(logits, activation, buffer, mask_weight)
+        if with_log_likelihood:
+            probs, log_at_target = _softmax_via_log_softmax_into(logits, indices, buffer, mask_weight)
+        else:
+            probs = _activate_into(logits, activation, buffer, mask_weight)
         at_target = probs.gather(1, indices.unsqueeze(1))  # (B, 1, N): p of each voxel's own class
         tp = probs.new_zeros(probs.shape[:2]).scatter_add_(1, indices, at_target.squeeze(1))
         # the norm is a reduction without a squared copy (MONAI computes squared_pred the same way)
@@ -322,24 +340,28 @@ class _FusedIndexOverlap(torch.autograd.Function):
         ctx.save_for_backward(logits, indices, mask_weight)
         keep = ctx.needs_input_grad[0]
         ctx.probs, ctx.at_target = (probs, at_target) if keep else (None, None)
-        ctx.activation, ctx.power = activation, power
-        return pred_volume, tp
+        ctx.activation, ctx.power, ctx.with_log_likelihood = activation, power, with_log_likelihood
+        return (pred_volume, tp, log_at_target) if with_log_likelihood else (pred_volume, tp)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_pred_volume, grad_tp):
+    def backward(ctx, grad_pred_volume, grad_tp, grad_log_at_target=None):
         # .backward() may be called inside an autocast region; the gradient is computed in float32 regardless
         with torch.autocast(grad_tp.device.type, enabled=False):
-            return _FusedIndexOverlap._backward(ctx, grad_pred_volume, grad_tp)
+            return _FusedIndexOverlap._backward(ctx, grad_pred_volume, grad_tp, grad_log_at_target)
 
     @staticmethod
-    def _backward(ctx, grad_pred_volume, grad_tp):
+    def _backward(ctx, grad_pred_volume, grad_tp, grad_log_at_target):
         logits, indices, mask_weight = ctx.saved_tensors
         index = indices.unsqueeze(1)
         # the probabilities are turned into the gradient below
         (grad, at_target), ctx.probs, ctx.at_target = (ctx.probs, ctx.at_target), None, None
         if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
-            grad = _activate_into(logits, ctx.activation, torch.empty_like(logits, dtype=grad_tp.dtype), mask_weight)
+            grad = torch.empty_like(logits, dtype=grad_tp.dtype)
+            if ctx.with_log_likelihood:  # the same rounding as the first backward
+                _softmax_via_log_softmax_into(logits, indices, grad, mask_weight)
+            else:
+                _activate_into(logits, ctx.activation, grad, mask_weight)
             at_target = grad.gather(1, index)
         # d loss / d p[c, n] = volume_term[c, n] + (c == target[n]) * target_term[n], on voxels that count
         volume_coef = grad_pred_volume.unsqueeze(-1)  # (B, C, 1)
@@ -347,8 +369,11 @@ class _FusedIndexOverlap(torch.autograd.Function):
         if mask_weight is not None:
             target_term *= mask_weight.unsqueeze(1)
         if ctx.activation == "softmax":
-            # p_c (dp_c - sum_k p_k dp_k)
+            # p_c (dp_c - sum_k p_k dp_k); the log-likelihood adds g_n ([c = target] - p_c), which is the same
+            # as adding g_n to the target's term before it enters the dot product
             target_term = at_target.mul_(target_term)
+            if grad_log_at_target is not None:
+                target_term += grad_log_at_target.unsqueeze(1)
             if ctx.power == 1:
                 dot = torch.bmm(grad_pred_volume.unsqueeze(1), grad).add_(target_term)
             for start, stop in _voxel_chunks(grad.shape[-1]):
@@ -375,7 +400,24 @@ class _FusedIndexOverlap(torch.autograd.Function):
         else:
             grad *= 2 * volume_coef  # grad holds the masked logits: d (m x)^2 / dx = 2 m x
         grad.scatter_add_(1, index, target_term)
-        return grad.to(logits.dtype), None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None, None
+
+
+def softmax_overlap_stats_and_log_likelihood(
+    input: torch.Tensor, encoded: EncodedTarget, include_background: bool = True, batch: bool = False,
+    squared_pred: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``activated_overlap_stats(softmax=True)`` for an index target with multi-channel logits, plus
+    ``log p[target]`` ``(B, voxels)`` from the same log-softmax (unmasked), for a cross-entropy term: Dice + CE
+    then cost one log-softmax and one fused backward."""
+    check_input(input)
+    pred_volume, tp, log_at_target = _FusedIndexOverlap.apply(
+        flatten_probs(input), encoded.indices, encoded.mask_weight, "softmax", 2 if squared_pred else 1, True
+    )
+    weights = None if encoded.mask_weight is None else encoded.mask_weight.to(tp.dtype)
+    target_volume = _class_counts(encoded.indices, weights, encoded.num_classes, tp.dtype)
+    tp, fp, fn = _finish_stats(tp, pred_volume - tp, target_volume - tp, encoded, include_background, batch)
+    return tp, fp, fn, log_at_target
 
 
 def activated_overlap_stats(

@@ -21,6 +21,8 @@ from .core import (
     compute_dtype,
     encode_target,
     flatten_probs,
+    reduce_loss,
+    softmax_overlap_stats_and_log_likelihood,
 )
 from .dice import DiceLoss
 from .focal import FocalLoss
@@ -59,6 +61,23 @@ def cross_entropy_term(
         per_voxel = F.cross_entropy(logits, encoded.dense, weight, reduction="none", label_smoothing=label_smoothing)
         counts = torch.ones_like(per_voxel) if encoded.mask_weight is None else encoded.mask_weight
         per_voxel = per_voxel * counts
+    return _reduce_cross_entropy(per_voxel, counts, reduction)
+
+
+def index_cross_entropy_from_log_likelihood(
+    log_at_target: torch.Tensor, encoded: EncodedTarget, weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """``cross_entropy_term`` for an index target (no label smoothing) from ``log p[target]`` ``(B, N)``, which
+    the Dice term's log-softmax already gave: ``-w_y log p_y`` per voxel, the same numbers as ``F.cross_entropy``."""
+    counts = None if weight is None else weight[encoded.indices]
+    if encoded.mask is not None:
+        counts = encoded.mask_weight.to(log_at_target) if counts is None else counts * encoded.mask
+    per_voxel = -log_at_target if counts is None else -(log_at_target * counts)
+    return _reduce_cross_entropy(per_voxel, torch.ones_like(per_voxel) if counts is None else counts, reduction)
+
+
+def _reduce_cross_entropy(per_voxel: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``(B, 1, N)`` for ``"none"``, the sum, or ``torch.nn.CrossEntropyLoss``'s mean ``sum l / sum counts``."""
     if reduction == "none":
         return per_voxel.unsqueeze(1)
     if reduction == "sum":
@@ -188,21 +207,51 @@ class DiceCELoss(torch.nn.Module):
         # for reduction="none" the per-class Dice BN'1[11] broadcasts against the per-voxel CE B1H[WD];
         # autocast would run the Dice sums (bmm) in half precision: the loss is float32 by design
         with torch.autocast(input.device.type, enabled=False):
+            if self._shares_log_softmax(input):
+                return self._dice_ce_from_one_log_softmax(input, target)
             return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.cross_entropy(input, target)
+
+    def _shares_log_softmax(self, input: torch.Tensor) -> bool:
+        """Index targets with a softmax Dice: both terms can use one log-softmax (p = exp(log p)). Label
+        smoothing needs every class' log p (not fused); a compiled graph fuses the plain formulas itself."""
+        return (
+            self.to_onehot_y and self.dice.softmax and self.label_smoothing == 0 and isinstance(input, torch.Tensor)
+            and input.ndim >= 3 and input.shape[1] > 1 and not torch.compiler.is_compiling()
+        )
+
+    def _dice_ce_from_one_log_softmax(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The same loss as the two terms computed apart, with one log-softmax and one fused backward."""
+        encoded = encode_target(input, target, True, self.ignore_index)
+        dice = self.dice
+        tp, fp, fn, log_at_target = softmax_overlap_stats_and_log_likelihood(
+            input, encoded, dice.include_background, dice.batch, dice.squared_pred
+        )
+        dice_term = reduce_loss(dice.per_class_loss(tp, fp, fn), self.reduction, dice.class_weight, input.ndim - 2)
+        cross_entropy = index_cross_entropy_from_log_likelihood(
+            log_at_target, encoded, self._ce_weight(input.shape[1], log_at_target), self.reduction
+        )
+        if self.reduction == "none":
+            cross_entropy = cross_entropy.reshape(cross_entropy.shape[0], 1, *input.shape[2:])
+        return self.lambda_dice * dice_term + self.lambda_ce * cross_entropy
+
+    def _ce_weight(self, num_classes: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The CE class weight as ``num_classes`` values in ``like``'s dtype, or None."""
+        weight = self.class_weight
+        if weight is None:
+            return None
+        if weight.ndim == 1 and weight.numel() != num_classes:
+            raise LossInputError(
+                f"weight has {weight.numel()} values but the input has {num_classes} channel(s): DiceCELoss "
+                "takes one value per channel including the background (the Dice term drops it itself)."
+            )
+        return weight.to(like).expand(num_classes)
 
     def cross_entropy(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The CE term alone (softmax CE for N > 1 channels, BCE for one), reduced as ``reduction``."""
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
         logits = flatten_probs(input.to(compute_dtype(input.dtype)))
         num_classes = logits.shape[1]
-        weight = self.class_weight
-        if weight is not None:
-            if weight.ndim == 1 and weight.numel() != num_classes:
-                raise LossInputError(
-                    f"weight has {weight.numel()} values but the input has {num_classes} channel(s): DiceCELoss "
-                    "takes one value per channel including the background (the Dice term drops it itself)."
-                )
-            weight = weight.to(logits).expand(num_classes)
+        weight = self._ce_weight(num_classes, logits)
         if num_classes == 1:
             if self.label_smoothing > 0:
                 warnings.warn("label_smoothing is not applied to the single-channel BCE term (as MONAI).", stacklevel=2)

@@ -368,3 +368,32 @@ def test_perfect_prediction_has_near_zero_loss(case):
     logits = 60.0 * F.one_hot(labels[:, 0], max(num_classes, 2)).movedim(-1, 1).float() - 30.0
     value = cls(to_onehot_y=True, softmax=True, include_background=True)(logits, labels)
     assert 0 <= float(value) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(weight=[0.5, 1.0, 2.0], ignore_index=SENTINEL, include_background=False),
+        dict(ignore_index=1, batch=True, squared_pred=True, reduction="sum"),
+        dict(weight=[2.0, 0.5, 1.0], jaccard=True, reduction="none", lambda_dice=0.3, lambda_ce=1.7),
+        dict(ignore_index=SENTINEL, squared_pred=True, reduction="none", batch=True),
+    ],
+)
+def test_dice_ce_shared_log_softmax_equals_separate_terms(kwargs):
+    """Index targets with softmax take one log-softmax for both terms and one fused backward; value and gradient
+    equal those of the Dice term and the CE term computed apart (each of which is checked against MONAI / torch)."""
+    generator = torch.Generator().manual_seed(11)
+    logits = 3 * torch.randn(2, 3, 5, 4, 3, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 1, 5, 4, 3), generator=generator)
+    labels[0, 0, :2] = SENTINEL if kwargs.get("ignore_index") == SENTINEL else labels[0, 0, :2]
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, **kwargs)
+    assert loss._shares_log_softmax(logits)
+    fused_input, apart_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    fused = loss(fused_input, labels)
+    apart = loss.lambda_dice * loss.dice(apart_input, labels) + loss.lambda_ce * loss.cross_entropy(apart_input, labels)
+    torch.testing.assert_close(fused, apart, rtol=1e-12, atol=1e-12)
+    fused.sum().backward()
+    apart.sum().backward()
+    torch.testing.assert_close(fused_input.grad, apart_input.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits.clone().requires_grad_(),))
