@@ -3,6 +3,7 @@
 Usage::
 
     python -m scripts.benchmark losses [--device cpu|cuda] [--threads 2] [--shape 2,14,64,64,64] [--repeats 5]
+    python -m scripts.benchmark metrics [--device cpu|cuda] [--threads 2] [--shape 1,14,128,128,128] [--repeats 5]
 
 Each subcommand owns one ``## <Name>`` section of the markdown file and replaces only its own block in it (one
 block per device), so sections written by other subcommands or by hand are kept.
@@ -22,6 +23,12 @@ above what was allocated before it (inputs excluded, the input gradient included
 logits' size: on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the allocation events of
 ``torch.profiler`` (``profile_memory=True``: every allocation and free of PyTorch's CPU allocator, in order),
 measured in a separate, untimed run.
+
+``metrics``: one update of ``scripts.organ_metrics.OrganCounts`` (per-organ Dice, IoU, precision and recall from
+one accumulation) against MONAI's ``DiceMetric`` and ``MeanIoU`` called on the same prediction and label, on a
+``1 x C x spatial`` one-hot prediction (as after ``AsDiscreted(argmax=True, to_onehot=C)``) with a one-hot label
+and with a class-index label (MONAI's ``MeanIoU`` then gets the one-hot copy it requires, as in a real config).
+Runs alternate as for the losses; the table gives medians.
 """
 
 from __future__ import annotations
@@ -303,6 +310,73 @@ def losses_markdown(results: list[Comparison], notes: list[str], shape, device, 
 # ---------------------------------------------------------------------------------------------------- report
 
 
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def metric_update_seconds(shape: tuple[int, ...], label_format: str, device: torch.device, repeats: int,
+                          seed: int = 0) -> tuple[list[float], list[float]]:
+    """Seconds per update, ours and MONAI's (``DiceMetric`` + ``MeanIoU``), alternating after one warm-up each."""
+    from monai.metrics import DiceMetric, MeanIoU
+    from monai.networks.utils import one_hot
+
+    from scripts.organ_metrics import OrganCounts
+
+    num_classes, spatial = shape[1], shape[2:]
+    generator = torch.Generator().manual_seed(seed)
+    pred_index = torch.randint(0, num_classes, (shape[0], 1, *spatial), generator=generator).to(device)
+    label_index = torch.randint(0, num_classes, (shape[0], 1, *spatial), generator=generator).to(device)
+    pred = one_hot(pred_index, num_classes)
+    label_onehot = one_hot(label_index, num_classes)
+    label = label_onehot if label_format == "one-hot" else label_index.float()
+
+    def ours() -> None:
+        OrganCounts(num_classes=num_classes, include_background=False).update(pred, label)
+
+    def monai() -> None:
+        DiceMetric(include_background=False, num_classes=num_classes)(pred, label)
+        MeanIoU(include_background=False)(pred, label_onehot)  # MeanIoU takes one-hot labels only
+
+    timings: dict[str, list[float]] = {"ours": [], "monai": []}
+    for run in range(repeats + 1):
+        order = (("ours", ours), ("monai", monai)) if run % 2 == 0 else (("monai", monai), ("ours", ours))
+        for name, update in order:
+            synchronize(device)
+            start = time.perf_counter()
+            update()
+            synchronize(device)
+            if run > 0:  # the first round warms up allocators and kernels
+                timings[name].append(time.perf_counter() - start)
+    return timings["ours"], timings["monai"]
+
+
+def run_metrics(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    shape = tuple(int(size) for size in args.shape.split(","))
+    rows = []
+    for label_format in ("one-hot", "class-index"):
+        ours, monai = metric_update_seconds(shape, label_format, device, args.repeats)
+        ours_ms, monai_ms = statistics.median(ours) * 1e3, statistics.median(monai) * 1e3
+        print(f"{label_format:12s} ours {ours_ms:9.1f} ms  MONAI {monai_ms:9.1f} ms  x{ours_ms / monai_ms:.2f}",
+              flush=True)
+        verdict = "met" if ours_ms / monai_ms <= 0.5 else "**not met**"
+        rows.append(f"| {label_format} | {ours_ms:.1f} | {monai_ms:.1f} | {ours_ms / monai_ms:.2f} | "
+                    f"<= 0.5x: {verdict} |")
+    return "\n".join([
+        f"### {machine_label(device)}",
+        "",
+        environment_line(device, torch.get_num_threads()) + f" Prediction: one-hot `{shape}` float32; "
+        f"label as in the first column. Medians of {args.repeats} alternating runs after one warm-up each.",
+        "",
+        "| label | ours: `OrganCounts.update` (ms) | MONAI `DiceMetric` + `MeanIoU` (ms) | time ratio "
+        "| target (issue 4) |",
+        "|---|---:|---:|---:|---|",
+        *rows,
+        "",
+        f"- Command: `python -m scripts.benchmark metrics --device {args.device} --threads {args.threads} "
+        f"--shape {args.shape} --repeats {args.repeats}`",
+    ])
+
+
 def machine_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA: {torch.cuda.get_device_name(device)}"
@@ -319,7 +393,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def source_version(paths: tuple[str, ...] = ("scripts/losses", "scripts/lovasz_reference.py")) -> str:
+MEASURED_SOURCES = ("scripts/losses", "scripts/lovasz_reference.py", "scripts/organ_metrics.py")
+
+
+def source_version(paths: tuple[str, ...] = MEASURED_SOURCES) -> str:
     """The commit measured, flagged when the measured sources differ from it (a shared working tree)."""
     root = Path(__file__).resolve().parents[1]
     try:
@@ -376,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--only", nargs="+", metavar="NAME", help="registry names to run (default: all)")
     losses.set_defaults(run=run_losses, section="Losses")
     add_common_options(losses)
+    metrics = commands.add_parser("metrics", help="per-organ metric update against MONAI's DiceMetric + MeanIoU")
+    metrics.add_argument("--shape", default="1,14,128,128,128",
+                         help="prediction shape B,C,H,W[,D] (default: %(default)s)")
+    metrics.set_defaults(run=run_metrics, section="Metrics")
+    add_common_options(metrics)
     return parser
 
 

@@ -52,3 +52,23 @@ def test_verdict_uses_both_limits():
     assert "not met" in Comparison(case, [0.6], [1.0], 60, 100).verdict()
     assert "not met" in Comparison(case, [0.8], [1.0], 40, 100).verdict()
     assert Comparison(Case("focal", "monai FocalLoss", None, None), [2.0], [1.0], 1, 1).verdict() == ""
+
+
+def test_metric_update_timings_are_paired_and_positive():
+    from scripts.benchmark import metric_update_seconds
+
+    ours, monai = metric_update_seconds((1, 4, 8, 8, 8), "class-index", torch.device("cpu"), repeats=3)
+    assert len(ours) == len(monai) == 3  # the warm-up round is not counted
+    assert all(t > 0 for t in ours + monai)
+
+
+def test_metrics_table_has_one_row_per_label_format():
+    import argparse
+
+    from scripts.benchmark import run_metrics
+
+    args = argparse.Namespace(device="cpu", shape="1,4,8,8,8", repeats=2, threads=1)
+    table = run_metrics(args)
+    rows = [line for line in table.splitlines() if line.startswith("| one-hot") or line.startswith("| class-index")]
+    assert len(rows) == 2
+    assert "OrganCounts.update" in table and "DiceMetric" in table
