@@ -83,62 +83,82 @@ def _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta: float) -> torc
     return -((1 - beta) * negatives + torch.zeros_like(negatives).scatter_add(1, labels, at_label))
 
 
-def _chunk_sums(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, softmax: bool, beta: float):
+# below this sum of the non-dominant probabilities, log of it loses digits (or is log 0): those voxels take the
+# exact logsumexp of the log-probabilities instead (logits more than ~60 apart, rare)
+_TINY_REST = 1e-25
+
+
+def _chunk_likelihoods(logits: torch.Tensor, softmax: bool, probs_out: torch.Tensor, rest_out: torch.Tensor | None):
+    """``(log p, log(1 - p))`` of a ``(B, C, n)`` chunk of logits; ``p`` is written into ``probs_out`` and, for the
+    softmax, ``log(1 - p_d)`` of each voxel's dominant class (``p_d > 1/2``, at most one) into ``rest_out``.
+
+    ``1 - p_c`` cancels once ``p_c`` rounds to 1, which only the dominant class can: its ``log(1 - p_d)`` is the log
+    of the other classes' sum, ``log1p(-p_c)`` is accurate for every other class.
+    """
+    if not softmax:
+        torch.sigmoid(logits, out=probs_out)
+        return F.logsigmoid(logits), F.logsigmoid(-logits)
+    log_p = logits.log_softmax(1)
+    probs = torch.exp(log_p, out=probs_out)
+    dominant = probs > 0.5
+    rest = torch.where(dominant, 0.0, probs).sum(1, keepdim=True)
+    log_rest = rest.log()
+    tiny = rest < _TINY_REST
+    if tiny.any():
+        exact = log_p.masked_fill(dominant, -math.inf).logsumexp(1, keepdim=True)
+        log_rest = torch.where(tiny, exact, log_rest)
+    rest_out.copy_(log_rest)
+    return log_p, torch.where(dominant, log_rest, torch.log1p(-probs))
+
+
+def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, rest_out) -> torch.Tensor:
     """``(3, B, C)``: predicted volume, TP and weighted-CE sum of one voxel chunk of logits with index labels."""
-    log_p, log_1mp, probs = _chunk_likelihoods(logits, softmax)
+    log_p, log_1mp = _chunk_likelihoods(logits, softmax, probs_out, rest_out)
+    probs = probs_out
     pred_volume = probs.sum(-1) if mask is None else torch.bmm(probs, mask.unsqueeze(-1)).squeeze(-1)
     at_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     tp = torch.zeros_like(pred_volume).scatter_add(1, labels, at_label if mask is None else at_label * mask)
     return torch.stack((pred_volume, tp, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
 
 
-def _chunk_likelihoods(logits: torch.Tensor, softmax: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log p, log(1 - p), p)`` of a ``(B, C, n)`` chunk of logits."""
-    if softmax:
-        log_p = logits.log_softmax(1)
-        return log_p, log1m_softmax(log_p), log_p.exp()
-    return F.logsigmoid(logits), F.logsigmoid(-logits), torch.sigmoid(logits)
+def _chunk_grad_(probs, log_rest, logits, labels, mask, softmax: bool, beta: float, grad_sums) -> torch.Tensor:
+    """Turn a chunk's probabilities ``probs`` ``(B, C, n)``, in place, into the gradient of
+    ``sum(grad_sums * _chunk_sums(...))`` w.r.t. its logits, written out by hand: a few large ops and no
+    logarithm or exponential for the softmax (``log(1 - p_d)`` was kept from the forward).
 
+    With ``G_v, G_tp, G_ce`` the upstream gradients of the three sums (``(B, C)``), mask ``m``, the label ``y`` and
+    ``A_c = (1 - beta) m G_ce_c`` for ``c != y`` (0 at ``y``):
 
-def _chunk_grad(logits, labels, mask, softmax: bool, beta: float, grad_sums: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``sum(grad_sums * _chunk_sums(...))`` w.r.t. a ``(B, C, n)`` chunk, written out by hand:
-    a few large ops instead of autograd's graph of many small ones.
-
-    With ``G_v, G_tp, G_ce`` the upstream gradients of the three sums (``(B, C)``), mask ``m`` and the one-vs-rest
-    CE weight ``h_c = -(1 - beta) m G_ce_c`` on the classes other than the label ``y`` (0 at ``y``):
-
-        dL/dp_c      = m G_v_c + [c = y] m G_tp_c
-        dL/dlog p_y  = -beta m G_ce_y
-        dL/dlog(1 - p_c) = h_c
+        dL/dp_c = m G_v_c + [c = y] m G_tp_c,  dL/dlog p_y = -beta m G_ce_y,  dL/dlog(1 - p_c) = -A_c
     """
-    log_p, log_1mp, probs = _chunk_likelihoods(logits, softmax)
     index = labels.unsqueeze(1)
-    grad_volume, grad_tp, grad_ce = (g.unsqueeze(-1) for g in grad_sums)  # (B, C, 1) each
-    negative = (grad_ce * (beta - 1)).expand_as(logits) if mask is None else (grad_ce * (beta - 1)) * mask.unsqueeze(1)
-    negative = negative.scatter(1, index, 0.0)  # h: the label's own class has no negative term
-    label_grad_tp, label_grad_ce = (g.squeeze(-1).gather(1, labels).unsqueeze(1) for g in (grad_tp, grad_ce))
-    at_label = label_grad_tp * probs.gather(1, index) - beta * label_grad_ce  # (B, 1, n)
+    mask = None if mask is None else mask.unsqueeze(1)
+    grad_volume, grad_tp, grad_ce = grad_sums
+    label_p = probs.gather(1, index)
+    at_label = grad_tp.gather(1, labels).unsqueeze(1) * label_p - beta * grad_ce.gather(1, labels).unsqueeze(1)
+    volume = grad_volume.unsqueeze(-1) if mask is None else grad_volume.unsqueeze(-1) * mask
+    negative = ((1 - beta) * grad_ce).unsqueeze(-1)
+    negative = (negative.expand_as(probs) if mask is None else negative * mask).scatter(1, index, 0.0)  # A
     if mask is not None:
-        at_label = at_label * mask.unsqueeze(1)
+        at_label *= mask
     if not softmax:
-        # d p / dx = p (1 - p), d log p / dx = 1 - p, d log(1 - p) / dx = -p
-        grad = probs * (1 - probs) * (grad_volume if mask is None else grad_volume * mask.unsqueeze(1))
-        grad -= negative * probs
-        # at_label holds the label's dL/dp * p and dL/dlog p: both times (1 - p_y) through the sigmoid
-        return grad.scatter_add_(1, index, at_label * (1 - probs.gather(1, index)))
-    # gradient w.r.t. log p first, then through log-softmax: dL/dx_j = g_j - p_j sum_k g_k.
-    # log(1 - p_c) = log1p(-exp(log p_c)) has d/dlog p_c = -p_c / (1 - p_c) <= 1 where p_c <= 1/2; for the (at most
-    # one) dominant class d it is logsumexp_{k != d} log p_k, with d/dlog p_k = p_k / (1 - p_d) <= 1: both bounded,
-    # so saturated logits give finite gradients (as log1m_softmax's own autograd does).
-    dominant = log_p > -math.log(2.0)
-    dominant_weight = (negative * dominant).sum(1, keepdim=True)  # h_d, 0 without a dominant class
-    dominant_log_1mp = (log_1mp * dominant).sum(1, keepdim=True)  # log(1 - p_d)
-    grad_log_p = probs * (grad_volume if mask is None else grad_volume * mask.unsqueeze(1))
-    log_1mp.sub_(log_p).neg_().exp_()  # p_c / (1 - p_c)
-    others = (log_p - dominant_log_1mp).exp_().mul_(dominant_weight)  # h_d p_k / (1 - p_d)
-    grad_log_p += torch.where(dominant, 0.0, others.sub_(log_1mp.mul_(negative)))
+        # dp/dx = p (1 - p), dlog p/dx = 1 - p, dlog(1 - p)/dx = -p
+        grad = probs.mul_(volume * (1 - probs) + negative)
+        return grad.scatter_add_(1, index, at_label * (1 - label_p))
+    # dL/dlog p_k, then through log-softmax: dL/dx_k = g_k - p_k sum_j g_j.
+    # dlog(1 - p_c)/dlog p_c = -p_c / (1 - p_c) for a non-dominant c (bounded by 1); for the dominant d,
+    # log(1 - p_d) = log sum_{k != d} p_k, so dlog(1 - p_d)/dlog p_k = p_k / (1 - p_d) (bounded by 1) for k != d
+    dominant = probs > 0.5
+    dominant_weight = torch.where(dominant, negative, 0.0).sum(1, keepdim=True)  # A_d, 0 without one
+    tiny = log_rest < math.log(_TINY_REST)
+    share = probs * torch.exp(-log_rest).mul_(dominant_weight)  # A_d p_k / (1 - p_d)
+    if tiny.any():  # p_k underflows there: p_k / (1 - p_d) from the log-probabilities
+        exact = (logits.log_softmax(1) - log_rest).exp_().mul_(dominant_weight)
+        share = torch.where(tiny, exact, share)
+    grad_log_p = probs * volume
+    grad_log_p += torch.where(dominant, 0.0, (negative * probs).div_(1 - probs).sub_(share))
     grad_log_p.scatter_add_(1, index, at_label)
-    return grad_log_p.sub_(probs.mul_(grad_log_p.sum(1, keepdim=True)))
+    return probs.mul_(grad_log_p.sum(1, keepdim=True).neg_()).add_(grad_log_p)
 
 
 # voxels per chunk of the memory-light path: bounds its temporaries to a few MB whatever the volume
@@ -146,43 +166,59 @@ _CHUNK_ELEMENTS = 1 << 19
 
 
 class _ChunkedIndexSums(torch.autograd.Function):
-    """``_chunk_sums`` over the whole volume, one chunk at a time, and recomputed chunk by chunk in backward with
-    the hand-written gradient of ``_chunk_grad``: the only full-size tensor kept or built is the logits' gradient
-    (no probabilities, logs or one-hot)."""
+    """``_chunk_sums`` over the whole volume, one chunk at a time. The probabilities are kept in one full-size
+    buffer (with ``log(1 - p)`` of each voxel's dominant class, ``1/C`` of that), which the backward turns in place
+    into the logits' gradient chunk by chunk (``_chunk_grad_``): no log-probabilities or one-hot are kept, and the
+    backward needs no exponential."""
 
     @staticmethod
     def forward(ctx, logits, labels, mask, softmax, beta):
         step = max(1024, _CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[1]))
         ctx.save_for_backward(logits, labels, mask)
         ctx.softmax, ctx.beta, ctx.step = softmax, beta, step
-        total = None
-        for chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, step):
-            sums = _chunk_sums(chunk, chunk_labels, chunk_mask, softmax, beta)
-            total = sums if total is None else total + sums
+        probs, log_rest, total = _ChunkedIndexSums._sums(logits, labels, mask, softmax, beta, step)
+        ctx.probs, ctx.log_rest = (probs, log_rest) if ctx.needs_input_grad[0] else (None, None)
         return total
+
+    @staticmethod
+    def _sums(logits, labels, mask, softmax, beta, step):
+        dtype = compute_dtype(logits.dtype)
+        probs = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        log_rest = probs.new_empty((logits.shape[0], 1, logits.shape[2])) if softmax else None
+        total = None
+        for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, step):
+            stop = start + chunk.shape[-1]
+            rest_out = None if log_rest is None else log_rest[:, :, start:stop]
+            sums = _chunk_sums(chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out)
+            total = sums if total is None else total + sums
+        return probs, log_rest, total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         logits, labels, mask = ctx.saved_tensors
-        grad = torch.empty_like(logits)
+        (grad, log_rest), ctx.probs, ctx.log_rest = (ctx.probs, ctx.log_rest), None, None
+        if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
+            grad, log_rest, _ = _ChunkedIndexSums._sums(logits, labels, mask, ctx.softmax, ctx.beta, ctx.step)
         with torch.autocast(logits.device.type, enabled=False):
-            grad_sums = grad_sums.to(compute_dtype(logits.dtype))
-            for start, (chunk, chunk_labels, chunk_mask) in zip(
-                range(0, logits.shape[-1], ctx.step), _chunks(logits, labels, mask, ctx.step)
-            ):
-                chunk_grad = _chunk_grad(chunk, chunk_labels, chunk_mask, ctx.softmax, ctx.beta, grad_sums)
-                grad[:, :, start : start + ctx.step] = chunk_grad
-        return grad, None, None, None, None
+            grad_sums = grad_sums.to(grad.dtype)
+            for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, ctx.step):
+                stop = start + chunk.shape[-1]
+                rest = None if log_rest is None else log_rest[:, :, start:stop]
+                _chunk_grad_(grad[:, :, start:stop], rest, chunk, chunk_labels, chunk_mask, ctx.softmax, ctx.beta,
+                             grad_sums)
+        return grad.to(logits.dtype), None, None, None, None
 
 
 def _chunks(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, step: int):
-    """``(logits, labels, mask)`` of each run of ``step`` voxels, logits in the compute dtype, mask as its float."""
+    """``(start, logits, labels, mask)`` of each run of ``step`` voxels, logits in the compute dtype (a view when
+    already), mask as its float."""
     dtype = compute_dtype(logits.dtype)
     for start in range(0, logits.shape[-1], step):
         stop = start + step
         yield (
-            logits[:, :, start:stop].to(dtype).contiguous(),
+            start,
+            logits[:, :, start:stop].to(dtype),
             labels[:, start:stop],
             None if mask is None else mask[:, start:stop].to(dtype),
         )
