@@ -147,16 +147,20 @@ def _chunk_grad_(probs, log_rest, logits, labels, mask, softmax: bool, beta: flo
         return grad.scatter_add_(1, index, at_label * (1 - label_p))
     # dL/dlog p_k, then through log-softmax: dL/dx_k = g_k - p_k sum_j g_j.
     # dlog(1 - p_c)/dlog p_c = -p_c / (1 - p_c) for a non-dominant c (bounded by 1); for the dominant d,
-    # log(1 - p_d) = log sum_{k != d} p_k, so dlog(1 - p_d)/dlog p_k = p_k / (1 - p_d) (bounded by 1) for k != d
+    # log(1 - p_d) = log sum_{k != d} p_k, so dlog(1 - p_d)/dlog p_k = p_k / (1 - p_d) (bounded by 1) for k != d:
+    #   g_k = p_k (m G_v_k + A_k / (1 - p_k) - A_d / (1 - p_d))   for k != d,   g_d = p_d m G_v_d
+    # (plus the label's terms), computed in place in A's buffer
     dominant = probs > 0.5
-    dominant_weight = torch.where(dominant, negative, 0.0).sum(1, keepdim=True)  # A_d, 0 without one
+    dominant_weight = (negative * dominant).sum(1, keepdim=True)  # A_d, 0 without a dominant class
+    per_p = negative.div_(1 - probs).sub_(torch.exp(-log_rest).mul_(dominant_weight)).masked_fill_(dominant, 0.0)
+    grad_log_p = per_p.add_(volume).mul_(probs)
     tiny = log_rest < math.log(_TINY_REST)
-    share = probs * torch.exp(-log_rest).mul_(dominant_weight)  # A_d p_k / (1 - p_d)
-    if tiny.any():  # p_k underflows there: p_k / (1 - p_d) from the log-probabilities
-        exact = (logits.log_softmax(1) - log_rest).exp_().mul_(dominant_weight)
-        share = torch.where(tiny, exact, share)
-    grad_log_p = probs * volume
-    grad_log_p += torch.where(dominant, 0.0, (negative * probs).div_(1 - probs).sub_(share))
+    if tiny.any():  # p_k underflows there: A_d p_k / (1 - p_d) from the log-probabilities instead
+        share = (logits.log_softmax(1) - log_rest).exp_().mul_(dominant_weight)
+        exact = ((1 - beta) * grad_ce).unsqueeze(-1).expand_as(probs).scatter(1, index, 0.0)
+        exact = exact.mul(1 if mask is None else mask).mul_(probs).div_(1 - probs).sub_(share)
+        exact = exact.masked_fill_(dominant, 0.0).add_(probs * volume)
+        grad_log_p = torch.where(tiny, exact, grad_log_p)
     grad_log_p.scatter_add_(1, index, at_label)
     return probs.mul_(grad_log_p.sum(1, keepdim=True).neg_()).add_(grad_log_p)
 
