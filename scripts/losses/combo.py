@@ -121,7 +121,9 @@ def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, res
     return torch.stack((pred_volume, tp, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
 
 
-def _chunk_grad_(probs, log_rest, logits, labels, mask, softmax: bool, beta: float, grad_sums) -> torch.Tensor:
+def _chunk_grad_(
+    probs, log_rest, logits, labels, mask, softmax: bool, beta: float, grad_sums, any_tiny: bool = True
+) -> torch.Tensor:
     """Turn a chunk's probabilities ``probs`` ``(B, C, n)``, in place, into the gradient of
     ``sum(grad_sums * _chunk_sums(...))`` w.r.t. its logits, written out by hand: a few large ops and no
     logarithm or exponential for the softmax (``log(1 - p_d)`` was kept from the forward).
@@ -130,6 +132,8 @@ def _chunk_grad_(probs, log_rest, logits, labels, mask, softmax: bool, beta: flo
     ``A_c = (1 - beta) m G_ce_c`` for ``c != y`` (0 at ``y``):
 
         dL/dp_c = m G_v_c + [c = y] m G_tp_c,  dL/dlog p_y = -beta m G_ce_y,  dL/dlog(1 - p_c) = -A_c
+
+    ``any_tiny`` False says (from one check over the whole volume) that no voxel needs the log-space term below.
     """
     index = labels.unsqueeze(1)
     mask = None if mask is None else mask.unsqueeze(1)
@@ -154,8 +158,8 @@ def _chunk_grad_(probs, log_rest, logits, labels, mask, softmax: bool, beta: flo
     dominant_weight = (negative * dominant).sum(1, keepdim=True)  # A_d, 0 without a dominant class
     per_p = negative.div_(1 - probs).sub_(torch.exp(-log_rest).mul_(dominant_weight)).masked_fill_(dominant, 0.0)
     grad_log_p = per_p.add_(volume).mul_(probs)
-    tiny = log_rest < math.log(_TINY_REST)
-    if tiny.any():  # p_k underflows there: A_d p_k / (1 - p_d) from the log-probabilities instead
+    tiny = log_rest < math.log(_TINY_REST) if any_tiny else None
+    if any_tiny and tiny.any():  # p_k underflows there: A_d p_k / (1 - p_d) from the log-probabilities instead
         share = (logits.log_softmax(1) - log_rest).exp_().mul_(dominant_weight)
         exact = ((1 - beta) * grad_ce).unsqueeze(-1).expand_as(probs).scatter(1, index, 0.0)
         exact = exact.mul(1 if mask is None else mask).mul_(probs).div_(1 - probs).sub_(share)
@@ -206,11 +210,13 @@ class _ChunkedIndexSums(torch.autograd.Function):
             grad, log_rest, _ = _ChunkedIndexSums._sums(logits, labels, mask, ctx.softmax, ctx.beta, ctx.step)
         with torch.autocast(logits.device.type, enabled=False):
             grad_sums = grad_sums.to(grad.dtype)
+            # one check for the whole volume, not two small ops per chunk (each a thread synchronisation)
+            any_tiny = log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any())
             for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, ctx.step):
                 stop = start + chunk.shape[-1]
                 rest = None if log_rest is None else log_rest[:, :, start:stop]
                 _chunk_grad_(grad[:, :, start:stop], rest, chunk, chunk_labels, chunk_mask, ctx.softmax, ctx.beta,
-                             grad_sums)
+                             grad_sums, any_tiny)
         return grad.to(logits.dtype), None, None, None, None
 
 
