@@ -88,12 +88,15 @@ def _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta: float) -> torc
 _TINY_REST = 1e-25
 
 
-def _chunk_likelihoods(logits: torch.Tensor, softmax: bool, probs_out: torch.Tensor, rest_out: torch.Tensor | None):
+def _chunk_likelihoods(
+    logits: torch.Tensor, softmax: bool, probs_out: torch.Tensor, rest_out: torch.Tensor | None, exact_tiny: bool
+):
     """``(log p, log(1 - p))`` of a ``(B, C, n)`` chunk of logits; ``p`` is written into ``probs_out`` and, for the
     softmax, ``log(1 - p_d)`` of each voxel's dominant class (``p_d > 1/2``, at most one) into ``rest_out``.
 
     ``1 - p_c`` cancels once ``p_c`` rounds to 1, which only the dominant class can: its ``log(1 - p_d)`` is the log
-    of the other classes' sum, ``log1p(-p_c)`` is accurate for every other class.
+    of the other classes' sum, ``log1p(-p_c)`` is accurate for every other class. Where that sum is below
+    ``_TINY_REST`` its log comes from the log-probabilities instead, if ``exact_tiny`` (else it may be -inf).
     """
     if not softmax:
         torch.sigmoid(logits, out=probs_out)
@@ -103,17 +106,17 @@ def _chunk_likelihoods(logits: torch.Tensor, softmax: bool, probs_out: torch.Ten
     dominant = probs > 0.5
     rest = torch.where(dominant, 0.0, probs).sum(1, keepdim=True)
     log_rest = rest.log()
-    tiny = rest < _TINY_REST
-    if tiny.any():
+    tiny = rest < _TINY_REST if exact_tiny else None
+    if exact_tiny and tiny.any():
         exact = log_p.masked_fill(dominant, -math.inf).logsumexp(1, keepdim=True)
         log_rest = torch.where(tiny, exact, log_rest)
     rest_out.copy_(log_rest)
     return log_p, torch.where(dominant, log_rest, torch.log1p(-probs))
 
 
-def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, rest_out) -> torch.Tensor:
+def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, rest_out, exact_tiny) -> torch.Tensor:
     """``(3, B, C)``: predicted volume, TP and weighted-CE sum of one voxel chunk of logits with index labels."""
-    log_p, log_1mp = _chunk_likelihoods(logits, softmax, probs_out, rest_out)
+    log_p, log_1mp = _chunk_likelihoods(logits, softmax, probs_out, rest_out, exact_tiny)
     probs = probs_out
     pred_volume = probs.sum(-1) if mask is None else torch.bmm(probs, mask.unsqueeze(-1)).squeeze(-1)
     at_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -189,7 +192,9 @@ class _ChunkedIndexSums(torch.autograd.Function):
         return total
 
     @staticmethod
-    def _sums(logits, labels, mask, softmax, beta, step):
+    def _sums(logits, labels, mask, softmax, beta, step, exact_tiny=False):
+        """One pass over the chunks; rerun with the log-space fallback only if some voxel needs it (one check for
+        the whole volume instead of two small ops per chunk, each a thread synchronisation)."""
         dtype = compute_dtype(logits.dtype)
         probs = torch.empty(logits.shape, dtype=dtype, device=logits.device)
         log_rest = probs.new_empty((logits.shape[0], 1, logits.shape[2])) if softmax else None
@@ -197,8 +202,12 @@ class _ChunkedIndexSums(torch.autograd.Function):
         for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, step):
             stop = start + chunk.shape[-1]
             rest_out = None if log_rest is None else log_rest[:, :, start:stop]
-            sums = _chunk_sums(chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out)
+            sums = _chunk_sums(
+                chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out, exact_tiny
+            )
             total = sums if total is None else total + sums
+        if not exact_tiny and log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any()):
+            return _ChunkedIndexSums._sums(logits, labels, mask, softmax, beta, step, exact_tiny=True)
         return probs, log_rest, total
 
     @staticmethod
