@@ -397,3 +397,18 @@ def test_perfect_prediction_is_near_zero(case):
     labels = labels.masked_fill(labels == SENTINEL, 0)
     logits = 60.0 * F.one_hot(labels[:, 0], max(int(labels.max()) + 1, 2)).movedim(-1, 1).float() - 30.0
     assert float(ComboLoss(**kwargs)(logits, labels)) < 1e-4
+
+
+@pytest.mark.parametrize("scale", [30.0, 100.0, 1e4])
+def test_saturated_softmax_gradient_equals_float64_one_hot_path(scale):
+    """Logits far apart: p of the dominant class rounds to 1 in float32 and the other classes underflow, so the
+    index path's log(1 - p_d) and its gradient come from the log-space fallback; they match the float64 one-hot
+    path (a gradient that vanished there would fail, a finite one is not enough)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = scale * torch.randn(2, 4, 6, 5, generator=generator)
+    labels = torch.randint(0, 4, (2, 1, 6, 5), generator=generator)
+    onehot = F.one_hot(labels[:, 0], 4).movedim(-1, 1).double()
+    index_input, reference_input = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    ComboLoss(to_onehot_y=True, softmax=True, beta=0.3)(index_input, labels).backward()
+    ComboLoss(softmax=True, beta=0.3)(reference_input, onehot).backward()
+    torch.testing.assert_close(index_input.grad.double(), reference_input.grad, rtol=1e-4, atol=1e-7)
