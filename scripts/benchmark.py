@@ -4,6 +4,7 @@ Usage::
 
     python -m scripts.benchmark losses [--device cpu|cuda] [--threads 2] [--shape 2,14,64,64,64] [--repeats 5]
     python -m scripts.benchmark metrics [--device cpu|cuda] [--threads 2] [--shape 1,14,128,128,128] [--repeats 5]
+    python -m scripts.benchmark inference [--device cpu|cuda] [--threads 2] [--size 512,512,200] [--volumes 2]
 
 Each subcommand owns one ``## <Name>`` section of the markdown file and replaces only its own block in it (one
 block per device), so sections written by other subcommands or by hand are kept.
@@ -29,6 +30,12 @@ one accumulation) against MONAI's ``DiceMetric`` and ``MeanIoU`` called on the s
 ``1 x C x spatial`` one-hot prediction (as after ``AsDiscreted(argmax=True, to_onehot=C)``) with a one-hot label
 and with a class-index label (MONAI's ``MeanIoU`` then gets the one-hot copy it requires, as in a real config).
 Runs alternate as for the losses; the table gives medians.
+
+``inference``: voxels per second of ``python -m scripts.infer`` against ``python -m monai.bundle run --config_file
+configs/inference.json`` on the same volumes (phantom cases resampled to a realistic ``--size``, 512 x 512 x 200 by
+default), each a fresh process timed from start to exit (start-up and model loading included, as a user sees it),
+alternating which goes first. The script runs with its defaults for the device (bf16 autocast on recent GPUs,
+loader workers); the bundle run with the config's.
 """
 
 from __future__ import annotations
@@ -377,6 +384,85 @@ def run_metrics(args: argparse.Namespace) -> str:
     ])
 
 
+# ---------------------------------------------------------------------------------------------------- inference
+
+
+def write_benchmark_volumes(folder: Path, size: tuple[int, int, int], count: int) -> int:
+    """Phantom CTs resampled to ``size`` voxels (same field of view, finer spacing); returns the total voxels."""
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.phantom import make_case
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in range(count):
+        image, _, affine = make_case(seed=1000 + case)
+        volume = torch.from_numpy(image.astype(np.float32))[None, None]
+        resized = F.interpolate(volume, size=size, mode="trilinear", align_corners=False)[0, 0]
+        scale = np.array(image.shape, dtype=float) / np.array(size, dtype=float)
+        resized_affine = affine.copy()
+        resized_affine[:3, :3] = affine[:3, :3] * scale  # each voxel axis shrinks by its resampling factor
+        nib.save(nib.Nifti1Image(resized.round().numpy().astype(np.int16), resized_affine),
+                 folder / f"case_{case:02d}.nii.gz")
+    return count * size[0] * size[1] * size[2]
+
+
+def time_command(command: list[str], threads: int) -> float:
+    """Wall seconds of one fresh process, from start to a successful exit."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
+def run_inference(args: argparse.Namespace) -> str:
+    import sys
+    import tempfile
+
+    size = tuple(int(n) for n in args.size.split(","))
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
+        inputs = Path(tmp) / "in"
+        voxels = write_benchmark_volumes(inputs, size, args.volumes)
+        commands = {
+            "scripts.infer": lambda out: [sys.executable, "-m", "scripts.infer", str(inputs), "--output", str(out),
+                                          "--device", args.device, "--no-progress"],
+            "monai.bundle run": lambda out: [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                                             str(root / "configs" / "inference.json"), "--bundle_root", str(root),
+                                             "--input", str(inputs), "--output_dir", str(out),
+                                             "--device", args.device],
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        for run in range(args.repeats):
+            names = list(commands) if run % 2 == 0 else list(reversed(commands))
+            for name in names:
+                out = Path(tmp) / f"out-{run}-{name.replace(' ', '_')}"
+                seconds[name].append(time_command(commands[name](out), args.threads))
+                print(f"{name:18s} {seconds[name][-1]:7.1f} s  {voxels / seconds[name][-1]:.3g} voxels/s", flush=True)
+    script_s, bundle_s = (statistics.median(seconds[name]) for name in commands)
+    device = torch.device(args.device)
+    target = "at least 1.5x with AMP" if device.type == "cuda" else "no slower"
+    verdict = "met" if bundle_s / script_s >= (1.5 if device.type == "cuda" else 1.0) else "**not met**"
+    return "\n".join([
+        f"### {machine_label(device)}",
+        "",
+        environment_line(device, args.threads) + f" Input: {args.volumes} phantom CTs resampled to "
+        f"{' x '.join(map(str, size))} voxels ({voxels / 1e6:.0f} M voxels in all), `models/model.pt`, config "
+        "defaults. "
+        f"Median of {args.repeats} alternating runs, each a fresh process (start-up included).",
+        "",
+        "| command | seconds | voxels per second |",
+        "|---|---:|---:|",
+        f"| `python -m scripts.infer` | {script_s:.1f} | {voxels / script_s:.3g} |",
+        f"| `python -m monai.bundle run --config_file configs/inference.json` | {bundle_s:.1f} "
+        f"| {voxels / bundle_s:.3g} |",
+        "",
+        f"- Speed-up of the script: {bundle_s / script_s:.2f}x (target: {target}): {verdict}.",
+        f"- Command: `python -m scripts.benchmark inference --device {args.device} --threads {args.threads} "
+        f"--size {args.size} --volumes {args.volumes} --repeats {args.repeats}`",
+    ])
+
+
 def machine_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA: {torch.cuda.get_device_name(device)}"
@@ -458,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="prediction shape B,C,H,W[,D] (default: %(default)s)")
     metrics.set_defaults(run=run_metrics, section="Metrics")
     add_common_options(metrics)
+    inference = commands.add_parser("inference", help="scripts.infer against monai.bundle run on the same CTs")
+    inference.add_argument("--size", default="512,512,200", help="voxels per volume X,Y,Z (default: %(default)s)")
+    inference.add_argument("--volumes", type=int, default=2, help="number of volumes (default: %(default)s)")
+    inference.set_defaults(run=run_inference, section="Inference", repeats=1)
+    add_common_options(inference)
     return parser
 
 

@@ -72,3 +72,19 @@ def test_metrics_table_has_one_row_per_label_format():
     rows = [line for line in table.splitlines() if line.startswith("| one-hot") or line.startswith("| class-index")]
     assert len(rows) == 2
     assert "OrganCounts.update" in table and "DiceMetric" in table
+
+
+def test_inference_volumes_keep_the_field_of_view(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.benchmark import write_benchmark_volumes
+    from scripts.phantom import make_case
+
+    voxels = write_benchmark_volumes(tmp_path, (40, 30, 20), count=1)
+    written = nib.load(tmp_path / "case_00.nii.gz")
+    image, _, affine = make_case(seed=1000)
+    assert voxels == 40 * 30 * 20 and written.shape == (40, 30, 20)
+    extent = lambda a, shape: np.abs(a[:3, :3] @ np.array(shape, dtype=float))  # noqa: E731
+    np.testing.assert_allclose(extent(written.affine, written.shape), extent(affine, image.shape), rtol=1e-6)
+    np.testing.assert_allclose(written.affine[:3, 3], affine[:3, 3])
