@@ -88,3 +88,12 @@ def test_inference_volumes_keep_the_field_of_view(tmp_path):
     extent = lambda a, shape: np.abs(a[:3, :3] @ np.array(shape, dtype=float))  # noqa: E731
     np.testing.assert_allclose(extent(written.affine, written.shape), extent(affine, image.shape), rtol=1e-6)
     np.testing.assert_allclose(written.affine[:3, 3], affine[:3, 3])
+
+
+def test_each_subcommand_has_its_own_repeat_default():
+    from scripts.benchmark import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["inference"]).repeats == 1  # minutes per run at full size
+    assert parser.parse_args(["losses"]).repeats == 5
+    assert parser.parse_args(["metrics", "--repeats", "3"]).repeats == 3
