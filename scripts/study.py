@@ -1,0 +1,316 @@
+"""Loss study: train the bundle once per loss preset and seed under identical settings, evaluate, tabulate, plot.
+
+Run as ``python -m scripts.study --dataset_dir DIR --losses all --iterations 200 --seeds 2 --out docs/study``
+(or ``--budget-minutes M``: the wall-clock budget of the whole study, split evenly over its runs). Every
+(loss, seed) run trains through ``configs/train.json`` merged with ``configs/losses/<loss>.json`` and is evaluated
+with ``configs/evaluate.json``, in a fresh child process so that its peak memory is its own. A run writes
+``<out>/runs/<loss>/seed<k>/result.json`` last; a later invocation skips runs that have one (resuming).
+
+Outputs under ``--out``: ``results.csv`` and ``results.md`` (mean and spread over seeds), ``commands.md``, and,
+when matplotlib is importable, ``val_dice_curves.png``, ``organ_dice_heatmap.png`` and ``axial_slices.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = BUNDLE_ROOT / "configs"
+SMALL_ORGANS = ("gallbladder", "esophagus", "right adrenal gland", "left adrenal gland", "pancreas",
+                "portal and splenic veins")  # fmt: skip
+# validations per run when --val-points is not given: enough points for a curve, few enough to stay cheap
+DEFAULT_VAL_POINTS = 5
+
+
+def available_losses() -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / "losses").glob("*.json"))
+
+
+def parse_losses(spec: str) -> list[str]:
+    known = available_losses()
+    if spec == "all":
+        return known
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise ValueError(f"--losses must be 'all' or a comma list of {known}, got {spec!r}.")
+    return names
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    settings = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=JSON_VALUE, got {item!r}.")
+        settings[key] = json.loads(value)
+    return settings
+
+
+def _workflow(files: list[str], settings: dict):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=files, meta_file=str(CONFIGS / "metadata.json"),
+                              logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", **settings)  # fmt: skip
+    workflow.initialize()
+    return workflow
+
+
+def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iterations: int | None,
+               budget_s: float | None, val_points: int, extra: dict) -> dict:  # fmt: skip
+    """Train and evaluate one (loss, seed); write and return ``run_dir/result.json``."""
+    import torch
+    from ignite.engine import Events
+
+    # one iteration per "epoch" so that iterations, validation interval and the cosine schedule share one unit
+    max_iterations = iterations if iterations is not None else extra.pop("max_iterations", 100_000)
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "losses" / f"{loss}.json")]
+    settings = {"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(dataset_dir), "generate_phantom": False,
+                "output_dir": str(run_dir / "train"), "ckpt_dir": str(run_dir / "models"), "epochs": max_iterations,
+                "train#trainer#epoch_length": 1, "val_interval": max(1, max_iterations // max(1, val_points)),
+                "initialize": [f"$monai.utils.set_determinism(seed={int(seed)})",
+                               "$scripts.training.check_loss_target(@loss_target)"], **extra}  # fmt: skip
+    workflow = _workflow(files, settings)
+    trainer, evaluator = workflow.trainer, workflow.evaluator
+    curve: list[tuple[int, float]] = []
+    timing = {"validation_s": 0.0}
+
+    def record_validation(engine):
+        curve.append((trainer.state.iteration, float(engine.state.metrics["val_mean_dice"])))
+        timing["validation_s"] += time.perf_counter() - timing.pop("val_start")
+
+    evaluator.add_event_handler(Events.STARTED, lambda _: timing.__setitem__("val_start", time.perf_counter()))
+    evaluator.add_event_handler(Events.COMPLETED, record_validation)
+    if budget_s is not None:
+        deadline = time.perf_counter() + budget_s
+        trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                  lambda e: e.terminate() if time.perf_counter() > deadline else None)  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    workflow.run()
+    train_s = time.perf_counter() - start - timing["validation_s"]
+    if not curve or curve[-1][0] != trainer.state.iteration:
+        evaluator.run()  # the last weights must be validated too (and checkpointed if best)
+    n_iter = trainer.state.iteration
+    workflow.finalize()
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    eval_dir = run_dir / "eval"
+    evaluation = _workflow([*files, str(CONFIGS / "evaluate.json")],
+                           {**settings, "output_dir": str(eval_dir),
+                            "validate#postprocessing#transforms#3#_disabled_": False})  # fmt: skip
+    evaluation.run()
+    evaluation.finalize()
+    with open(eval_dir / "organ_metrics_summary.csv") as f:
+        rows = {r["organ"]: r for r in csv.DictReader(f)}
+    result = {"loss": loss, "seed": seed, "iterations": n_iter, "s_per_iteration": train_s / max(1, n_iter),
+              "peak_memory_mb": peak_mb, "memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_maxrss",
+              "curve": curve, "dice": {o: float(r["dice"]) for o, r in rows.items() if o != "mean"},
+              "iou": {o: float(r["iou"]) for o, r in rows.items() if o != "mean"},
+              "mean_dice": float(rows["mean"]["dice"]), "mean_iou": float(rows["mean"]["iou"]),
+              "predictions": sorted(str(p) for p in eval_dir.rglob("*.nii.gz"))}  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def summarise(results: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
+    """Per-loss rows of ``(mean, spread)`` pairs over seeds; columns in table order."""
+    organs = list(next(iter(results.values()))[0]["dice"])
+    columns = [*(f"dice_{o}" for o in organs), "mean_dice", "mean_iou", "small_organ_dice", "s_per_iteration",
+               "peak_memory_mb"]  # fmt: skip
+    table = []
+    for loss, runs in results.items():
+        row = {"loss": loss, "seeds": len(runs)}
+        for o in organs:
+            row[f"dice_{o}"] = _mean_spread([r["dice"][o] for r in runs])
+        small = [statistics.fmean([r["dice"][o] for o in SMALL_ORGANS if o in r["dice"]]) for r in runs]
+        row["small_organ_dice"] = _mean_spread(small)
+        for key in ("mean_dice", "mean_iou", "s_per_iteration", "peak_memory_mb"):
+            row[key] = _mean_spread([r[key] for r in runs])
+        table.append(row)
+    return columns, table
+
+
+def write_tables(out: Path, columns: list[str], table: list[dict]) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["loss", "seeds", *(f"{c}{s}" for c in columns for s in ("", "_spread"))])
+        for row in table:
+            writer.writerow([row["loss"], row["seeds"], *(f"{v:.6g}" for c in columns for v in row[c])])
+    header = ["loss", *(c.replace("dice_", "") if c.startswith("dice_") else c for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table:
+        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in columns]
+        lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
+    note = ("Mean ± sample standard deviation over seeds (± 0 with one seed). small_organ_dice: mean Dice over "
+            + ", ".join(SMALL_ORGANS) + ". peak_memory_mb: peak RSS of the run's process on CPU, "
+            "torch.cuda.max_memory_allocated on CUDA.")  # fmt: skip
+    (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+
+
+def write_commands(out: Path, argv: list[str]) -> None:
+    import monai
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "-C", str(BUNDLE_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = "unknown"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    text = f"""# How these results were made
+
+```
+python -m scripts.study {shlex.join(argv)}
+```
+
+- bundle commit: {commit or 'unknown'}
+- python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}
+- machine: {platform.platform()}, {platform.processor() or platform.machine()}, {device}, torch threads {torch.get_num_threads()}
+"""  # fmt: skip
+    (out / "commands.md").write_text(text)
+
+
+def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path):
+    """(ground truth, {loss: prediction}) of the axial slice with most organs of the first validation case."""
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.data import load_datalist
+
+    case = load_datalist(dataset_dir, "validation")[0]
+    label = np.asarray(nib.load(case["label"]).dataobj).squeeze()
+    z = int(np.argmax([len(np.unique(label[..., k])) for k in range(label.shape[-1])]))
+    stem = Path(case["image"]).name.split(".")[0]
+    preds = {}
+    for loss, runs in results.items():
+        path = next((p for p in runs[0]["predictions"] if Path(p).name.startswith(stem)), None)
+        if path is not None:
+            preds[loss] = np.asarray(nib.load(path).dataobj).squeeze()[..., z]
+    return label[..., z], preds
+
+
+def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], dataset_dir: Path) -> list[Path]:
+    """The three PNGs; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for loss, runs in results.items():
+        for k, run in enumerate(runs):
+            its, dice = zip(*run["curve"]) if run["curve"] else ((), ())
+            ax.plot(its, dice, marker="o", label=loss if k == 0 else None, color=f"C{list(results).index(loss)}")
+    ax.set(xlabel="iteration", ylabel="validation mean Dice", title="Validation mean Dice per loss")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "val_dice_curves.png", dpi=120)
+    plt.close(fig)
+
+    organs = list(next(iter(results.values()))[0]["dice"])
+    grid = np.array([[row[f"dice_{o}"][0] for o in organs] for row in table])
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(organs), 1.5 + 0.4 * len(table)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(organs)), organs, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), [row["loss"] for row in table], fontsize=8)
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(image, ax=ax, label="Dice")
+    fig.tight_layout()
+    fig.savefig(out / "organ_dice_heatmap.png", dpi=120)
+    plt.close(fig)
+
+    truth, preds = _axial_slices(results, dataset_dir)
+    panels = [("ground truth", truth), *preds.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), squeeze=False)
+    for ax, (name, data) in zip(axes[0], panels):
+        ax.imshow(np.rot90(data), cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "axial_slices.png", dpi=120)
+    plt.close(fig)
+    return [out / n for n in ("val_dice_curves.png", "organ_dice_heatmap.png", "axial_slices.png")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset_dir", required=True, type=Path)
+    parser.add_argument("--losses", default="all", help="'all' or a comma list of configs/losses presets")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iterations", type=int, help="training iterations per run")
+    length.add_argument("--budget-minutes", type=float, help="wall-clock training budget of the whole study")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per loss, seeds 0..N-1")
+    parser.add_argument("--val-points", type=int, default=DEFAULT_VAL_POINTS, help="validations per run")
+    parser.add_argument("--out", type=Path, default=BUNDLE_ROOT / "docs" / "study")
+    parser.add_argument("--set", action="append", metavar="KEY=JSON", help="extra bundle override, e.g. "
+                        "'patch_size=[32,32,32]'; repeatable; the same for every run")  # fmt: skip
+    parser.add_argument("--run-one", nargs=2, metavar=("LOSS", "SEED"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.iterations is not None and args.iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {args.iterations}.")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
+    losses = parse_losses(args.losses)
+    budget_s = None if args.budget_minutes is None else 60 * args.budget_minutes / (len(losses) * args.seeds)
+    out = args.out.resolve()
+    if args.run_one:
+        loss, seed = args.run_one[0], int(args.run_one[1])
+        run_single(loss, seed, args.dataset_dir.resolve(), out / "runs" / loss / f"seed{seed}", args.iterations,
+                   budget_s, args.val_points, _overrides(args))  # fmt: skip
+        return {}
+    _overrides(args)  # fail on a bad --set before any run starts
+    results: dict[str, list[dict]] = {}
+    for loss in losses:
+        for seed in range(args.seeds):
+            done = out / "runs" / loss / f"seed{seed}" / "result.json"
+            if not done.is_file():
+                print(f"[study] training {loss} seed {seed}", flush=True)
+                # a child process per run: its own peak memory, and no state carried between losses
+                subprocess.run([sys.executable, "-m", "scripts.study", *argv, "--run-one", loss, str(seed)],
+                               cwd=BUNDLE_ROOT, check=True)  # fmt: skip
+            else:
+                print(f"[study] skipping {loss} seed {seed}: {done} exists", flush=True)
+            results.setdefault(loss, []).append(json.loads(done.read_text()))
+    columns, table = summarise(results)
+    write_tables(out, columns, table)
+    write_commands(out, argv)
+    try:
+        write_plots(out, results, table, args.dataset_dir.resolve())
+    except ImportError as e:
+        print(f"[study] no plots: {e}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
