@@ -258,6 +258,12 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     return [out / n for n in ("val_dice_curves.png", "organ_dice_heatmap.png", "axial_slices.png")]
 
 
+def train_in_child(argv: list[str], loss: str, seed: int) -> None:
+    """One run in a child process: its own peak memory, and no state carried between losses."""
+    subprocess.run([sys.executable, "-m", "scripts.study", *argv, "--run-one", loss, str(seed)], cwd=BUNDLE_ROOT,
+                   check=True)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset_dir", required=True, type=Path)
@@ -296,9 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             done = out / "runs" / loss / f"seed{seed}" / "result.json"
             if not done.is_file():
                 print(f"[study] training {loss} seed {seed}", flush=True)
-                # a child process per run: its own peak memory, and no state carried between losses
-                subprocess.run([sys.executable, "-m", "scripts.study", *argv, "--run-one", loss, str(seed)],
-                               cwd=BUNDLE_ROOT, check=True)  # fmt: skip
+                train_in_child(argv, loss, seed)
             else:
                 print(f"[study] skipping {loss} seed {seed}: {done} exists", flush=True)
             results.setdefault(loss, []).append(json.loads(done.read_text()))

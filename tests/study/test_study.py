@@ -1,0 +1,97 @@
+"""The loss study runner on a tiny phantom: table shape and values, the three PNGs, resuming, and bad input."""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+from bundle_helpers import TINY, make_tiny_phantom  # noqa: E402
+
+from scripts import study  # noqa: E402
+
+LOSSES = ["dice", "focal"]
+ORGANS = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+          "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland", "left adrenal gland"]  # fmt: skip
+
+
+def _argv(phantom, out):
+    shrink = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    return ["--dataset_dir", str(phantom), "--losses", ",".join(LOSSES), "--iterations", "2", "--val-points", "2",
+            "--seeds", "1", "--out", str(out), *shrink]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    phantom = make_tiny_phantom(tmp_path_factory.mktemp("phantom"))
+    out = tmp_path_factory.mktemp("study")
+    results = study.main(_argv(phantom, out))
+    return phantom, out, results
+
+
+def test_table_has_one_row_per_loss_and_a_column_per_organ(study_run):
+    _, out, results = study_run
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["loss"] for r in rows] == LOSSES
+    assert [c for c in rows[0] if c.startswith("dice_") and not c.endswith("_spread")] == [f"dice_{o}" for o in ORGANS]
+    for row, loss in zip(rows, LOSSES):
+        run = results[loss][0]
+        assert run["iterations"] == 2 and len(run["curve"]) == 2  # validated at iterations 1 and 2
+        assert not math.isnan(float(row["mean_dice"])) and 0.0 <= float(row["mean_dice"]) <= 1.0
+        assert float(row["mean_dice"]) == pytest.approx(run["mean_dice"], abs=1e-5)
+        expected_small = sum(run["dice"][o] for o in study.SMALL_ORGANS) / len(study.SMALL_ORGANS)
+        assert float(row["small_organ_dice"]) == pytest.approx(expected_small, abs=1e-5)
+        assert float(row["mean_dice_spread"]) == 0.0  # one seed
+        assert float(row["s_per_iteration"]) > 0 and float(row["peak_memory_mb"]) > 0
+    markdown = (out / "results.md").read_text().splitlines()
+    assert len([line for line in markdown if line.startswith("| ") and " ± " in line]) == len(LOSSES)
+    commands = (out / "commands.md").read_text()
+    assert "--losses dice,focal" in commands and "torch" in commands and "monai" in commands
+
+
+def test_plots_exist(study_run):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib; the tables are written without it")
+    _, out, _ = study_run
+    for name in ("val_dice_curves.png", "organ_dice_heatmap.png", "axial_slices.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_second_invocation_skips_finished_runs(study_run, capsys, monkeypatch):
+    phantom, out, results = study_run
+    done = {loss: (out / "runs" / loss / "seed0" / "result.json").stat().st_mtime_ns for loss in LOSSES}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"a finished run was started again: {args}")
+
+    monkeypatch.setattr(study, "train_in_child", no_training)
+    again = study.main(_argv(phantom, out))
+    assert again == results
+    assert all((out / "runs" / loss / "seed0" / "result.json").stat().st_mtime_ns == t for loss, t in done.items())
+    assert capsys.readouterr().out.count("[study] skipping") == len(LOSSES)
+
+
+def test_summary_is_mean_and_sample_spread_over_seeds():
+    def run(seed, dice):
+        return {"seed": seed, "dice": {o: dice for o in ORGANS}, "mean_dice": dice, "mean_iou": dice / 2,
+                "s_per_iteration": 1.0 + seed, "peak_memory_mb": 100.0}  # fmt: skip
+
+    columns, table = study.summarise({"x": [run(0, 0.2), run(1, 0.4)]})
+    assert columns[: len(ORGANS)] == [f"dice_{o}" for o in ORGANS]
+    assert table[0]["mean_dice"] == pytest.approx((0.3, math.sqrt(0.02)))
+    assert table[0]["small_organ_dice"] == pytest.approx((0.3, math.sqrt(0.02)))
+    assert table[0]["s_per_iteration"] == pytest.approx((1.5, math.sqrt(0.5)))
+
+
+@pytest.mark.parametrize("spec", ["", "dice,nope", "DICE"])
+def test_unknown_losses_are_rejected(spec):
+    with pytest.raises(ValueError, match="--losses must be"):
+        study.parse_losses(spec)
+
+
+def test_bad_set_override_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="KEY=JSON_VALUE"):
+        study.main(["--dataset_dir", str(tmp_path), "--iterations", "1", "--out", str(tmp_path), "--set", "epochs"])
