@@ -69,17 +69,19 @@ def _workflow(files: list[str], settings: dict):
 
 
 def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iterations: int | None,
-               budget_s: float | None, val_points: int, extra: dict) -> dict:  # fmt: skip
+               budget_s: float | None, val_points: int, extra: dict, max_iterations_cap: int = 100_000) -> dict:  # fmt: skip
     """Train and evaluate one (loss, seed); write and return ``run_dir/result.json``."""
     import torch
     from ignite.engine import Events
 
     # one iteration per "epoch" so that iterations, validation interval and the cosine schedule share one unit
-    max_iterations = iterations if iterations is not None else extra.pop("max_iterations", 100_000)
+    # under a wall-clock budget the cosine schedule spans --max-iterations, so the learning rate barely decays
+    max_iterations = iterations if iterations is not None else max_iterations_cap
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "losses" / f"{loss}.json")]
     settings = {"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(dataset_dir), "generate_phantom": False,
                 "output_dir": str(run_dir / "train"), "ckpt_dir": str(run_dir / "models"), "epochs": max_iterations,
-                "train#trainer#epoch_length": 1, "val_interval": max(1, max_iterations // max(1, val_points)),
+                "train#trainer#epoch_length": 1,
+                "val_interval": max(1, max_iterations // max(1, val_points)) if budget_s is None else max_iterations,
                 "initialize": [f"$monai.utils.set_determinism(seed={int(seed)})",
                                "$scripts.training.check_loss_target(@loss_target)"], **extra}  # fmt: skip
     workflow = _workflow(files, settings)
@@ -94,9 +96,19 @@ def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iteration
     evaluator.add_event_handler(Events.STARTED, lambda _: timing.__setitem__("val_start", time.perf_counter()))
     evaluator.add_event_handler(Events.COMPLETED, record_validation)
     if budget_s is not None:
-        deadline = time.perf_counter() + budget_s
-        trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: e.terminate() if time.perf_counter() > deadline else None)  # fmt: skip
+        # the iteration count is unknown in advance: validate every budget/val_points seconds of training instead
+        start_budget = time.perf_counter()
+        next_validation = [budget_s / max(1, val_points)]
+
+        def on_time(engine):
+            trained = time.perf_counter() - start_budget - timing["validation_s"]
+            if trained >= next_validation[0]:
+                next_validation[0] += budget_s / max(1, val_points)
+                evaluator.run()
+            if trained >= budget_s:
+                engine.terminate()
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, on_time)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -271,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--iterations", type=int, help="training iterations per run")
     length.add_argument("--budget-minutes", type=float, help="wall-clock training budget of the whole study")
+    parser.add_argument("--max-iterations", type=int, default=100_000,
+                        help="with --budget-minutes: iteration cap, and the cosine schedule's length")
     parser.add_argument("--seeds", type=int, default=1, help="runs per loss, seeds 0..N-1")
     parser.add_argument("--val-points", type=int, default=DEFAULT_VAL_POINTS, help="validations per run")
     parser.add_argument("--out", type=Path, default=BUNDLE_ROOT / "docs" / "study")
@@ -293,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     if args.run_one:
         loss, seed = args.run_one[0], int(args.run_one[1])
         run_single(loss, seed, args.dataset_dir.resolve(), out / "runs" / loss / f"seed{seed}", args.iterations,
-                   budget_s, args.val_points, _overrides(args))  # fmt: skip
+                   budget_s, args.val_points, _overrides(args), args.max_iterations)  # fmt: skip
         return {}
     _overrides(args)  # fail on a bad --set before any run starts
     results: dict[str, list[dict]] = {}

@@ -95,3 +95,14 @@ def test_unknown_losses_are_rejected(spec):
 def test_bad_set_override_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="KEY=JSON_VALUE"):
         study.main(["--dataset_dir", str(tmp_path), "--iterations", "1", "--out", str(tmp_path), "--set", "epochs"])
+
+
+def test_budget_mode_stops_on_time_and_validates_the_last_weights(study_run, tmp_path):
+    phantom, _, _ = study_run
+    argv = _argv(phantom, tmp_path)
+    argv[argv.index("--iterations") : argv.index("--iterations") + 2] = ["--budget-minutes", "0.03"]
+    argv[argv.index("--losses") + 1] = "dice"
+    run = study.main(argv)["dice"][0]
+    assert run["iterations"] >= 1 and run["iterations"] < 100_000  # stopped by the ~1.8 s budget, not the cap
+    assert run["curve"][-1][0] == run["iterations"]
+    assert [it for it, _ in run["curve"]] == sorted({it for it, _ in run["curve"]})
