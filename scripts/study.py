@@ -228,6 +228,7 @@ def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path):
 def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], dataset_dir: Path) -> list[Path]:
     """The three PNGs; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
     import matplotlib
+    import matplotlib.colors
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,7 +252,8 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     ax.set_xticks(range(len(organs)), organs, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(table)), [row["loss"] for row in table], fontsize=8)
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6,
+                color="k" if v > 0.6 else "w")  # readable on viridis' bright end
     fig.colorbar(image, ax=ax, label="Dice")
     fig.tight_layout()
     fig.savefig(out / "organ_dice_heatmap.png", dpi=120)
@@ -259,9 +261,11 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
 
     truth, preds = _axial_slices(results, dataset_dir)
     panels = [("ground truth", truth), *preds.items()]
+    # black background, then one distinct colour per organ label
+    labels_cmap = matplotlib.colors.ListedColormap(["black", *plt.get_cmap("tab20").colors[:19]])
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), squeeze=False)
     for ax, (name, data) in zip(axes[0], panels):
-        ax.imshow(np.rot90(data), cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        ax.imshow(np.rot90(data), cmap=labels_cmap, vmin=-0.5, vmax=19.5, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
