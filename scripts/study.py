@@ -68,8 +68,8 @@ def _workflow(files: list[str], settings: dict):
     return workflow
 
 
-def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iterations: int | None,
-               budget_s: float | None, val_points: int, extra: dict, max_iterations_cap: int = 100_000) -> dict:  # fmt: skip
+def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iterations: int | None, budget_s: float | None,
+               val_points: int, extra: dict, max_iterations_cap: int = 100_000) -> dict:  # fmt: skip
     """Train and evaluate one (loss, seed); write and return ``run_dir/result.json``."""
     import torch
     from ignite.engine import Events
@@ -201,7 +201,8 @@ python -m scripts.study {shlex.join(argv)}
 
 - bundle commit: {commit or 'unknown'}
 - python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}
-- machine: {platform.platform()}, {platform.processor() or platform.machine()}, {device}, torch threads {torch.get_num_threads()}
+- machine: {platform.platform()}, {platform.processor() or platform.machine()}, {device}
+- torch threads: {torch.get_num_threads()}
 """  # fmt: skip
     (out / "commands.md").write_text(text)
 
