@@ -16,39 +16,7 @@ from hypothesis import strategies as st
 from scripts.losses import FocalTverskyLoss, TverskyLoss
 from scripts.losses.core import LossInputError
 
-SENTINEL = 255
-TOL = {"rtol": 1e-5, "atol": 1e-5}
-ACTIVATIONS = {
-    "softmax": {"softmax": True},
-    "sigmoid": {"sigmoid": True},
-    "tanh": {"other_act": torch.tanh},
-    "none": {},
-}
-
-
-def make_case(spatial, target_kind, ignore, num_classes=3, batch=2, seed=0):
-    """Random logits and an "index", "onehot" or "soft" target; ``ignore``: None, "class" (ignore_index 1)
-    or "sentinel" (255: label 255, or all-zero voxels of a dense target)."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, num_classes, *spatial, generator=generator)
-    labels = torch.randint(0, num_classes, (batch, 1, *spatial), generator=generator)
-    dropped = torch.rand(labels.shape, generator=generator) < 0.25
-    ignore_index = {None: None, "class": 1, "sentinel": SENTINEL}[ignore]
-    if target_kind == "index":
-        target = labels.masked_fill(dropped, SENTINEL) if ignore == "sentinel" else labels
-        return logits, target.float(), ignore_index, True
-    if target_kind == "onehot":
-        target = F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()
-    else:
-        target = torch.softmax(2 * torch.randn(logits.shape, generator=generator), 1)
-    return logits, (target * ~dropped if ignore == "sentinel" else target), ignore_index, False
-
-
-def loss_and_grad(loss, logits, target):
-    logits = logits.clone().requires_grad_(True)
-    value = loss(logits, target)
-    (grad,) = torch.autograd.grad(value.sum(), logits)
-    return value.detach(), grad
+from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
 
 @pytest.mark.parametrize("spatial", [(5, 4), (4, 3, 5)], ids=["2d", "3d"])
@@ -223,14 +191,6 @@ cases = st.tuples(
     st.sampled_from(BOTH),
     st.sampled_from([(0.3, 0.7), (0.5, 0.5), (1.0, 0.0)]),  # alpha, beta
 )
-
-
-def random_case(batch, classes, spatial, seed):
-    generator = torch.Generator().manual_seed(seed)
-    logits = 3 * torch.randn(batch, classes, *spatial, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, classes, (batch, 1, *spatial), generator=generator)
-    ignored = torch.rand(labels.shape, generator=generator) < 0.3
-    return logits, labels, ignored
 
 
 @given(cases)
