@@ -7,7 +7,8 @@ with ``configs/evaluate.json``, in a fresh child process so that its peak memory
 ``<out>/runs/<loss>/seed<k>/result.json`` last; a later invocation skips runs that have one (resuming).
 
 Outputs under ``--out``: ``results.csv`` and ``results.md`` (mean and spread over seeds), ``commands.md``, and,
-when matplotlib is importable, ``val_dice_curves.png``, ``organ_dice_heatmap.png`` and ``axial_slices.png``.
+when matplotlib is importable, ``val_dice_curves.png``, ``organ_dice_heatmap.png``, ``small_organ_dice.png``
+(the headline: small-organ and mean Dice per loss) and ``axial_slices.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SMALL_ORGANS = ("gallbladder", "esophagus", "right adrenal gland", "left adrenal
                 "portal and splenic veins")  # fmt: skip
 # validations per run when --val-points is not given: enough points for a curve, few enough to stay cheap
 DEFAULT_VAL_POINTS = 5
+PLOTS = ("val_dice_curves.png", "organ_dice_heatmap.png", "small_organ_dice.png", "axial_slices.png")
 
 
 def available_losses() -> list[str]:
@@ -148,6 +150,13 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
+def small_organ_dice(dice: dict[str, float]) -> float:
+    """Mean Dice over the ``SMALL_ORGANS`` that the validation cases hold (an organ absent from every case has
+    NaN Dice and is left out, so a dataset without, say, an esophagus is not scored 0 on it); NaN if none."""
+    present = [dice[o] for o in SMALL_ORGANS if not math.isnan(dice.get(o, math.nan))]
+    return statistics.fmean(present) if present else math.nan
+
+
 def summarise(results: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
     """Per-loss rows of ``(mean, spread)`` pairs over seeds; columns in table order."""
     organs = list(next(iter(results.values()))[0]["dice"])
@@ -158,8 +167,7 @@ def summarise(results: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
         row = {"loss": loss, "seeds": len(runs)}
         for o in organs:
             row[f"dice_{o}"] = _mean_spread([r["dice"][o] for r in runs])
-        small = [statistics.fmean([r["dice"][o] for o in SMALL_ORGANS if o in r["dice"]]) for r in runs]
-        row["small_organ_dice"] = _mean_spread(small)
+        row["small_organ_dice"] = _mean_spread([small_organ_dice(r["dice"]) for r in runs])
         for key in ("mean_dice", "mean_iou", "s_per_iteration", "peak_memory_mb"):
             row[key] = _mean_spread([r[key] for r in runs])
         table.append(row)
@@ -175,10 +183,11 @@ def write_tables(out: Path, columns: list[str], table: list[dict]) -> None:
     header = ["loss", *(c.replace("dice_", "") if c.startswith("dice_") else c for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
-        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in columns]
+        cells = ["—" if math.isnan(row[c][0]) else f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in columns]
         lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
-    note = ("Mean ± sample standard deviation over seeds (± 0 with one seed). small_organ_dice: mean Dice over "
-            + ", ".join(SMALL_ORGANS) + ". peak_memory_mb: peak RSS of the run's process on CPU, "
+    note = ("Mean ± sample standard deviation over seeds (± 0 with one seed). — : the organ is in no validation "
+            "case. small_organ_dice: mean Dice over those of " + ", ".join(SMALL_ORGANS) + " that the validation "
+            "cases hold. peak_memory_mb: peak RSS of the run's process on CPU, "
             "torch.cuda.max_memory_allocated on CUDA.")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
 
@@ -226,6 +235,37 @@ def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path):
     return label[..., z], preds
 
 
+def _dataset_name(dataset_dir: Path) -> str:
+    try:
+        return str(json.loads((dataset_dir / "dataset.json").read_text()).get("name", dataset_dir.name))
+    except (OSError, ValueError):
+        return dataset_dir.name
+
+
+def _headline_chart(path: Path, table: list[dict], dataset_dir: Path, plt, np) -> None:
+    """Small-organ mean Dice and mean Dice per loss, best small-organ loss on top, whiskers = sd over seeds."""
+    rows = sorted(table, key=lambda r: -1.0 if math.isnan(r["small_organ_dice"][0]) else r["small_organ_dice"][0])
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.42 * len(rows)))
+    for offset, key, label, colour in ((0.2, "small_organ_dice", "small organs", "C3"),
+                                       (-0.2, "mean_dice", "all 13 organs", "C0")):  # fmt: skip
+        means = [r[key][0] for r in rows]
+        ax.barh(y + offset, means, height=0.4, xerr=[r[key][1] for r in rows], color=colour, label=label,
+                error_kw={"elinewidth": 0.8, "capsize": 2})  # fmt: skip
+        for k, v in enumerate(means):
+            if not math.isnan(v):
+                ax.text(v + 0.01, y[k] + offset, f"{v:.2f}", va="center", fontsize=7)
+    seeds = max(r["seeds"] for r in rows)
+    ax.set_yticks(y, [r["loss"] for r in rows], fontsize=8)
+    ax.set_xlim(0, 1.08)
+    ax.set(xlabel="validation Dice (mean" + (f" ± sd over {seeds} seeds)" if seeds > 1 else ", one seed)"),
+           title=f"{_dataset_name(dataset_dir)}: Dice per loss, best on small organs at the top")  # fmt: skip
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], dataset_dir: Path) -> list[Path]:
     """The three PNGs; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
     import matplotlib
@@ -260,6 +300,8 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     fig.savefig(out / "organ_dice_heatmap.png", dpi=120)
     plt.close(fig)
 
+    _headline_chart(out / "small_organ_dice.png", table, dataset_dir, plt, np)
+
     truth, preds = _axial_slices(results, dataset_dir)
     panels = [("ground truth", truth), *preds.items()]
     # black background, then one distinct colour per organ label
@@ -272,7 +314,7 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     fig.tight_layout()
     fig.savefig(out / "axial_slices.png", dpi=120)
     plt.close(fig)
-    return [out / n for n in ("val_dice_curves.png", "organ_dice_heatmap.png", "axial_slices.png")]
+    return [out / n for n in PLOTS]
 
 
 def train_in_child(argv: list[str], loss: str, seed: int) -> None:
@@ -315,16 +357,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    budget_s, args.val_points, _overrides(args), args.max_iterations)  # fmt: skip
         return {}
     _overrides(args)  # fail on a bad --set before any run starts
-    results: dict[str, list[dict]] = {}
-    for loss in losses:
-        for seed in range(args.seeds):
+    results: dict[str, list[dict]] = {loss: [] for loss in losses}
+    # seed-major: a study stopped part-way still has every loss at the seeds it finished
+    for seed in range(args.seeds):
+        for loss in losses:
             done = out / "runs" / loss / f"seed{seed}" / "result.json"
             if not done.is_file():
                 print(f"[study] training {loss} seed {seed}", flush=True)
                 train_in_child(argv, loss, seed)
             else:
                 print(f"[study] skipping {loss} seed {seed}: {done} exists", flush=True)
-            results.setdefault(loss, []).append(json.loads(done.read_text()))
+            results[loss].append(json.loads(done.read_text()))
     columns, table = summarise(results)
     write_tables(out, columns, table)
     write_commands(out, argv)

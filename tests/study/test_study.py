@@ -56,7 +56,8 @@ def test_table_has_one_row_per_loss_and_a_column_per_organ(study_run):
 def test_plots_exist(study_run):
     pytest.importorskip("matplotlib", reason="plots need matplotlib; the tables are written without it")
     _, out, _ = study_run
-    for name in ("val_dice_curves.png", "organ_dice_heatmap.png", "axial_slices.png"):
+    assert len(study.PLOTS) == 4  # the three of the issue plus the headline small-organ chart
+    for name in study.PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
@@ -84,6 +85,18 @@ def test_summary_is_mean_and_sample_spread_over_seeds():
     assert table[0]["mean_dice"] == pytest.approx((0.3, math.sqrt(0.02)))
     assert table[0]["small_organ_dice"] == pytest.approx((0.3, math.sqrt(0.02)))
     assert table[0]["s_per_iteration"] == pytest.approx((1.5, math.sqrt(0.5)))
+
+
+def test_small_organ_mean_skips_organs_absent_from_validation():
+    # the real CT's validation case has no esophagus or left adrenal: NaN there, and they must not count as 0
+    dice = {o: 0.9 for o in ORGANS} | {"esophagus": math.nan, "left adrenal gland": math.nan, "pancreas": 0.5}
+    expected = (0.9 + 0.9 + 0.5 + 0.9) / 4  # gallbladder, right adrenal, pancreas, portal/splenic veins
+    assert study.small_organ_dice(dice) == pytest.approx(expected)
+    assert math.isnan(study.small_organ_dice({o: math.nan for o in ORGANS}))
+    columns, table = study.summarise({"x": [{"seed": 0, "dice": dice, "mean_dice": 0.8, "mean_iou": 0.7,
+                                              "s_per_iteration": 1.0, "peak_memory_mb": 1.0}]})  # fmt: skip
+    assert table[0]["small_organ_dice"] == pytest.approx((expected, 0.0))
+    assert math.isnan(table[0]["dice_esophagus"][0])
 
 
 @pytest.mark.parametrize("spec", ["", "dice,nope", "DICE"])
