@@ -202,6 +202,35 @@ def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = 
     return str(root)
 
 
+def write_fit_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      cases: list[str] | None = None) -> Path:  # fmt: skip
+    """A dataset whose ``validation`` list is its ``training`` list: validation then measures how far a loss
+    *fits* those cases, not how it generalises (the question a study on one or two real CTs can still answer).
+
+    Args:
+        source_dir: folder with the source ``dataset.json``; its whole ``training`` list is read (no hold-out).
+        out_dir: where the new ``dataset.json`` goes; its entries point back at the source files.
+        cases: image file stems to keep (``example_ct`` for ``imagesTr/example_ct.nii.gz``); None keeps all.
+    """
+    source, out = Path(source_dir).resolve(), Path(out_dir)
+    content = _read_dataset_json(source)
+    items = _resolve(source, content["training"], source / "dataset.json", ("image", "label"))
+    if cases is not None:
+        known = [Path(item["image"]).name.split(".")[0] for item in items]
+        missing = sorted(set(cases) - set(known))
+        if missing:
+            raise DatasetError(f"{source / 'dataset.json'}: no training case named {missing}; it has {known}.")
+        items = [item for item, stem in zip(items, known) if stem in cases]
+    out.mkdir(parents=True, exist_ok=True)
+    relative = [{k: os.path.relpath(v, out.resolve()) for k, v in item.items()} for item in items]
+    fitted = {**content, "name": f"{content.get('name', source.name)}-fit", "numTraining": len(relative),
+              "description": f"training cases of {Path(source_dir).as_posix()} also used as validation cases (fitting, not "
+              f"generalisation). {content.get('description', '')}".strip(),
+              "training": relative, "validation": relative}  # fmt: skip
+    (out / "dataset.json").write_text(json.dumps(fitted, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="datasets of the CT segmentation bundle")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     example = commands.add_parser("example-ct", help="real CT cases from totalsegmentator==2.18.0's sdist")
     example.add_argument("--out", required=True)
     example.add_argument("--sdist", default=None, help="an already downloaded totalsegmentator-2.18.0.tar.gz")
+    fit = commands.add_parser("fit", help="a dataset validating on its own training cases (fitting studies)")
+    fit.add_argument("--dataset_dir", required=True, help="source folder with dataset.json")
+    fit.add_argument("--out", required=True)
+    fit.add_argument("--cases", nargs="+", default=None, help="image stems to keep (default: all training cases)")
     check = commands.add_parser("check", help="run the pre-training checks on a dataset")
     check.add_argument("--dataset_dir", required=True)
     args = parser.parse_args(argv)
@@ -224,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         from scripts.example_ct import build_example_ct
 
         print(build_example_ct(args.out, args.sdist))
+    elif args.command == "fit":
+        print(write_fit_dataset(args.dataset_dir, args.out, args.cases))
     else:
         prepare_dataset(args.dataset_dir, generate_if_missing=False)
         print(f"{args.dataset_dir}: OK")

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from bundle_helpers import make_tiny_phantom
 
-from scripts.data import DatasetError, check_case, inference_datalist, load_datalist, prepare_dataset
+from scripts.data import (
+    DatasetError,
+    check_case,
+    inference_datalist,
+    load_datalist,
+    prepare_dataset,
+    write_fit_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +130,17 @@ def test_inference_datalist_sources(dataset, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="holds no .nii"):
         inference_datalist(tmp_path / "empty")
+
+
+def test_fit_dataset_validates_on_its_own_training_cases(dataset, tmp_path):
+    training = load_datalist(dataset, "training")  # the tiny phantom holds one case out
+    stem = lambda item: item["image"].split("/")[-1].split(".")[0]  # noqa: E731
+    out = write_fit_dataset(dataset, tmp_path / "fit", cases=[stem(training[1])])
+    assert load_datalist(out, "training") == load_datalist(out, "validation") == [training[1]]
+    all_cases = write_fit_dataset(dataset, tmp_path / "fit_all")  # None: every listed training case, no hold-out
+    assert sorted(map(stem, load_datalist(all_cases, "validation"))) == sorted(
+        stem(i) for i in json.loads((dataset / "dataset.json").read_text())["training"]
+    )
+    assert prepare_dataset(out, generate_if_missing=False) == str(out)  # the files behind the entries check out
+    with pytest.raises(DatasetError, match="no training case named"):
+        write_fit_dataset(dataset, tmp_path / "bad", cases=["nope"])
