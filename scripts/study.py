@@ -235,11 +235,19 @@ def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path):
     return label[..., z], preds
 
 
-def _dataset_name(dataset_dir: Path) -> str:
+def _dataset_json(dataset_dir: Path) -> dict:
     try:
-        return str(json.loads((dataset_dir / "dataset.json").read_text()).get("name", dataset_dir.name))
+        return json.loads((dataset_dir / "dataset.json").read_text())
     except (OSError, ValueError):
-        return dataset_dir.name
+        return {}
+
+
+def _dataset_name(dataset_dir: Path) -> str:
+    return str(_dataset_json(dataset_dir).get("name", dataset_dir.name))
+
+
+def _organ_names(dataset_dir: Path) -> dict[str, str]:
+    return {str(k): str(v) for k, v in _dataset_json(dataset_dir).get("labels", {}).items()}
 
 
 def _headline_chart(path: Path, table: list[dict], dataset_dir: Path, plt, np) -> None:
@@ -248,18 +256,19 @@ def _headline_chart(path: Path, table: list[dict], dataset_dir: Path, plt, np) -
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7, 1.4 + 0.42 * len(rows)))
     for offset, key, label, colour in ((0.2, "small_organ_dice", "small organs", "C3"),
-                                       (-0.2, "mean_dice", "all 13 organs", "C0")):  # fmt: skip
-        means = [r[key][0] for r in rows]
-        ax.barh(y + offset, means, height=0.4, xerr=[r[key][1] for r in rows], color=colour, label=label,
+                                       (-0.2, "mean_dice", "all organs", "C0")):  # fmt: skip
+        means, spreads = [r[key][0] for r in rows], [r[key][1] for r in rows]
+        ax.barh(y + offset, means, height=0.4, xerr=spreads, color=colour, label=label,
                 error_kw={"elinewidth": 0.8, "capsize": 2})  # fmt: skip
-        for k, v in enumerate(means):
-            if not math.isnan(v):
-                ax.text(v + 0.01, y[k] + offset, f"{v:.2f}", va="center", fontsize=7)
+        for k, (v, sd) in enumerate(zip(means, spreads)):
+            if not math.isnan(v):  # the value right of its whisker
+                ax.text(v + sd + 0.015, y[k] + offset, f"{v:.2f}", va="center", fontsize=7)
     seeds = max(r["seeds"] for r in rows)
     ax.set_yticks(y, [r["loss"] for r in rows], fontsize=8)
     ax.set_xlim(0, 1.08)
     ax.set(xlabel="validation Dice (mean" + (f" ± sd over {seeds} seeds)" if seeds > 1 else ", one seed)"),
-           title=f"{_dataset_name(dataset_dir)}: Dice per loss, best on small organs at the top")  # fmt: skip
+           title=f"{_dataset_name(dataset_dir)}: Dice per loss (best on small organs on top)")  # fmt: skip
+    ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,6 +279,7 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     """The three PNGs; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
     import matplotlib
     import matplotlib.colors
+    import matplotlib.patches
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,14 +314,30 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
 
     truth, preds = _axial_slices(results, dataset_dir)
     panels = [("ground truth", truth), *preds.items()]
+    # zoom on the labelled anatomy (a margin of a fifth of its extent) so that small organs stay visible
+    rows_idx, cols_idx = np.nonzero(truth) if truth.any() else (np.arange(truth.shape[0]), np.arange(truth.shape[1]))
+    box = []
+    for idx, size in ((rows_idx, truth.shape[0]), (cols_idx, truth.shape[1])):
+        lo, hi = int(idx.min()), int(idx.max())
+        margin = max(2, (hi - lo) // 5)
+        box.append(slice(max(0, lo - margin), min(size, hi + margin + 1)))
     # black background, then one distinct colour per organ label
-    labels_cmap = matplotlib.colors.ListedColormap(["black", *plt.get_cmap("tab20").colors[:19]])
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), squeeze=False)
-    for ax, (name, data) in zip(axes[0], panels):
-        ax.imshow(np.rot90(data), cmap=labels_cmap, vmin=-0.5, vmax=19.5, interpolation="nearest")
-        ax.set_title(name, fontsize=8)
+    colours = ["black", *plt.get_cmap("tab20").colors[:19]]
+    labels_cmap = matplotlib.colors.ListedColormap(colours)
+    ncols = min(6, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    aspect = (box[1].stop - box[1].start) / (box[0].stop - box[0].start)  # height / width once rotated
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, nrows * (2.3 * aspect + 0.3) + 0.5), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
+    for ax, (name, data) in zip(axes.flat, panels):
+        ax.imshow(np.rot90(data[tuple(box)]), cmap=labels_cmap, vmin=-0.5, vmax=19.5, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+    names = _organ_names(dataset_dir)
+    present = [int(v) for v in np.unique(truth) if v > 0]
+    handles = [matplotlib.patches.Patch(color=colours[v], label=names.get(str(v), str(v))) for v in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(7, max(1, len(handles))), fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))  # the legend's strip at the bottom
     fig.savefig(out / "axial_slices.png", dpi=120)
     plt.close(fig)
     return [out / n for n in PLOTS]
