@@ -443,10 +443,11 @@ def run_inference(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     target = "at least 1.5x with AMP" if device.type == "cuda" else "no slower"
     verdict = "met" if bundle_s / script_s >= (1.5 if device.type == "cuda" else 1.0) else "**not met**"
-    # run-to-run spread of the plain bundle run: a difference smaller than it is not a measured slow-down
-    noise = (max(seconds["monai.bundle run"]) - min(seconds["monai.bundle run"])) / bundle_s
+    # the larger run-to-run range of the two commands: a difference inside it is not a measured slow-down
+    noise = max((max(v) - min(v)) / statistics.median(v) for v in seconds.values())
     if verdict != "met" and device.type != "cuda" and script_s - bundle_s <= noise * bundle_s:
-        verdict = f"parity: the {script_s - bundle_s:.1f} s difference is inside the bundle run's own spread"
+        verdict = (f"parity, not a gain: the {script_s - bundle_s:.1f} s difference of the medians is inside the "
+                   "run-to-run range")  # fmt: skip
     spread = {name: f"{min(v):.1f}–{max(v):.1f}" for name, v in seconds.items()}
     return "\n".join([
         f"### {machine_label(device)}",
