@@ -216,8 +216,23 @@ python -m scripts.study {shlex.join(argv)}
     (out / "commands.md").write_text(text)
 
 
-def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path):
-    """(ground truth, {loss: prediction}) of the axial slice with most organs of the first validation case."""
+def _local_prediction(recorded: str, run_dir: Path) -> Path | None:
+    """The prediction file ``recorded`` in a run's ``result.json``, or the same file under ``run_dir`` when the
+    study folder was moved or cloned; None when neither exists (predictions are not committed)."""
+    path = Path(recorded)
+    if path.is_file():
+        return path
+    parts = path.parts
+    if run_dir.name in parts:  # re-root what follows seed<k>/ under this study's run folder
+        local = run_dir.joinpath(*parts[len(parts) - parts[::-1].index(run_dir.name) :])
+        if local.is_file():
+            return local
+    return None
+
+
+def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path, out: Path):
+    """(ground truth, {loss: prediction}, [losses whose prediction is missing]) of the axial slice with most
+    organs of the first validation case."""
     import nibabel as nib
     import numpy as np
 
@@ -227,12 +242,15 @@ def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path):
     label = np.asarray(nib.load(case["label"]).dataobj).squeeze()
     z = int(np.argmax([len(np.unique(label[..., k])) for k in range(label.shape[-1])]))
     stem = Path(case["image"]).name.split(".")[0]
-    preds = {}
+    preds, missing = {}, []
     for loss, runs in results.items():
-        path = next((p for p in runs[0]["predictions"] if Path(p).name.startswith(stem)), None)
-        if path is not None:
+        recorded = next((p for p in runs[0]["predictions"] if Path(p).name.startswith(stem)), None)
+        path = None if recorded is None else _local_prediction(recorded, out / "runs" / loss / f"seed{runs[0]['seed']}")
+        if path is None:
+            missing.append(loss)
+        else:
             preds[loss] = np.asarray(nib.load(path).dataobj).squeeze()[..., z]
-    return label[..., z], preds
+    return label[..., z], preds, missing
 
 
 def _dataset_json(dataset_dir: Path) -> dict:
@@ -312,7 +330,11 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
 
     _headline_chart(out / "small_organ_dice.png", table, dataset_dir, plt, np)
 
-    truth, preds = _axial_slices(results, dataset_dir)
+    truth, preds, missing = _axial_slices(results, dataset_dir, out)
+    if missing and (out / "axial_slices.png").is_file():
+        # e.g. a committed study resumed on another machine: keep the full panel rather than draw a partial one
+        print(f"[study] axial_slices.png kept: no prediction files for {', '.join(missing)} here", flush=True)
+        return [out / n for n in PLOTS]
     panels = [("ground truth", truth), *preds.items()]
     # zoom on the labelled anatomy (a margin of a fifth of its extent) so that small organs stay visible
     rows_idx, cols_idx = np.nonzero(truth) if truth.any() else (np.arange(truth.shape[0]), np.arange(truth.shape[1]))

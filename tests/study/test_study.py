@@ -119,3 +119,25 @@ def test_budget_mode_stops_on_time_and_validates_the_last_weights(study_run, tmp
     assert run["iterations"] >= 1 and run["iterations"] < 100_000  # stopped by the ~1.8 s budget, not the cap
     assert run["curve"][-1][0] == run["iterations"]
     assert [it for it, _ in run["curve"]] == sorted({it for it, _ in run["curve"]})
+
+
+def test_moved_study_finds_its_predictions_and_keeps_the_slice_panel_without_them(study_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    phantom, out, _ = study_run
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    for result in moved.glob("runs/*/seed*/result.json"):  # as if cloned elsewhere: recorded paths are gone
+        result.write_text(result.read_text().replace(str(out), "/nonexistent/study"))
+    results = {loss: [json.loads((moved / "runs" / loss / "seed0" / "result.json").read_text())] for loss in LOSSES}
+    _, preds, missing = study._axial_slices(results, phantom, moved)
+    assert sorted(preds) == sorted(LOSSES) and missing == []  # re-rooted under the moved folder
+
+    shutil.rmtree(moved / "runs" / "focal" / "seed0" / "eval")  # predictions are not committed
+    _, preds, missing = study._axial_slices(results, phantom, moved)
+    assert sorted(preds) == ["dice"] and missing == ["focal"]
+    panel = (moved / "axial_slices.png").read_bytes()
+    study.main(_argv(phantom, moved))
+    assert (moved / "axial_slices.png").read_bytes() == panel  # the full panel is not replaced by a partial one
+    assert "axial_slices.png kept" in capsys.readouterr().out
