@@ -138,7 +138,8 @@ def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iteration
               "curve": curve, "dice": {o: float(r["dice"]) for o, r in rows.items() if o != "mean"},
               "iou": {o: float(r["iou"]) for o, r in rows.items() if o != "mean"},
               "mean_dice": float(rows["mean"]["dice"]), "mean_iou": float(rows["mean"]["iou"]),
-              "predictions": sorted(str(p) for p in eval_dir.rglob("*.nii.gz"))}  # fmt: skip
+              # relative to run_dir, so that a moved or cloned study still finds them
+              "predictions": sorted(str(p.relative_to(run_dir)) for p in eval_dir.rglob("*.nii.gz"))}  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -216,20 +217,6 @@ python -m scripts.study {shlex.join(argv)}
     (out / "commands.md").write_text(text)
 
 
-def _local_prediction(recorded: str, run_dir: Path) -> Path | None:
-    """The prediction file ``recorded`` in a run's ``result.json``, or the same file under ``run_dir`` when the
-    study folder was moved or cloned; None when neither exists (predictions are not committed)."""
-    path = Path(recorded)
-    if path.is_file():
-        return path
-    parts = path.parts
-    if run_dir.name in parts:  # re-root what follows seed<k>/ under this study's run folder
-        local = run_dir.joinpath(*parts[len(parts) - parts[::-1].index(run_dir.name) :])
-        if local.is_file():
-            return local
-    return None
-
-
 def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path, out: Path):
     """(ground truth, {loss: prediction}, [losses whose prediction is missing]) of the axial slice with most
     organs of the first validation case."""
@@ -245,30 +232,15 @@ def _axial_slices(results: dict[str, list[dict]], dataset_dir: Path, out: Path):
     preds, missing = {}, []
     for loss, runs in results.items():
         recorded = next((p for p in runs[0]["predictions"] if Path(p).name.startswith(stem)), None)
-        path = None if recorded is None else _local_prediction(recorded, out / "runs" / loss / f"seed{runs[0]['seed']}")
-        if path is None:
+        path = None if recorded is None else out / "runs" / loss / f"seed{runs[0]['seed']}" / recorded
+        if path is None or not path.is_file():  # predictions are not committed
             missing.append(loss)
         else:
             preds[loss] = np.asarray(nib.load(path).dataobj).squeeze()[..., z]
     return label[..., z], preds, missing
 
 
-def _dataset_json(dataset_dir: Path) -> dict:
-    try:
-        return json.loads((dataset_dir / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _dataset_name(dataset_dir: Path) -> str:
-    return str(_dataset_json(dataset_dir).get("name", dataset_dir.name))
-
-
-def _organ_names(dataset_dir: Path) -> dict[str, str]:
-    return {str(k): str(v) for k, v in _dataset_json(dataset_dir).get("labels", {}).items()}
-
-
-def _headline_chart(path: Path, table: list[dict], dataset_dir: Path, plt, np) -> None:
+def _headline_chart(path: Path, table: list[dict], dataset_name: str, plt, np) -> None:
     """Small-organ mean Dice and mean Dice per loss, best small-organ loss on top, whiskers = sd over seeds."""
     rows = sorted(table, key=lambda r: -1.0 if math.isnan(r["small_organ_dice"][0]) else r["small_organ_dice"][0])
     y = np.arange(len(rows))
@@ -285,7 +257,7 @@ def _headline_chart(path: Path, table: list[dict], dataset_dir: Path, plt, np) -
     ax.set_yticks(y, [r["loss"] for r in rows], fontsize=8)
     ax.set_xlim(0, 1.08)
     ax.set(xlabel="validation Dice (mean" + (f" ± sd over {seeds} seeds)" if seeds > 1 else ", one seed)"),
-           title=f"{_dataset_name(dataset_dir)}: Dice per loss (best on small organs on top)")  # fmt: skip
+           title=f"{dataset_name}: Dice per loss (best on small organs on top)")  # fmt: skip
     ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
@@ -294,7 +266,7 @@ def _headline_chart(path: Path, table: list[dict], dataset_dir: Path, plt, np) -
 
 
 def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], dataset_dir: Path) -> list[Path]:
-    """The three PNGs; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
+    """The four PNGs of ``PLOTS``; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
     import matplotlib
     import matplotlib.colors
     import matplotlib.patches
@@ -328,7 +300,10 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     fig.savefig(out / "organ_dice_heatmap.png", dpi=120)
     plt.close(fig)
 
-    _headline_chart(out / "small_organ_dice.png", table, dataset_dir, plt, np)
+    from scripts.data import _read_dataset_json
+
+    dataset = _read_dataset_json(dataset_dir)  # the chart's title and the legend's organ names
+    _headline_chart(out / "small_organ_dice.png", table, str(dataset.get("name", dataset_dir.name)), plt, np)
 
     truth, preds, missing = _axial_slices(results, dataset_dir, out)
     if missing and (out / "axial_slices.png").is_file():
@@ -355,7 +330,7 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     for ax, (name, data) in zip(axes.flat, panels):
         ax.imshow(np.rot90(data[tuple(box)]), cmap=labels_cmap, vmin=-0.5, vmax=19.5, interpolation="nearest")
         ax.set_title(name, fontsize=8)
-    names = _organ_names(dataset_dir)
+    names = {str(k): str(v) for k, v in dataset.get("labels", {}).items()}
     present = [int(v) for v in np.unique(truth) if v > 0]
     handles = [matplotlib.patches.Patch(color=colours[v], label=names.get(str(v), str(v))) for v in present]
     fig.legend(handles=handles, loc="lower center", ncol=min(7, max(1, len(handles))), fontsize=6, frameon=False)

