@@ -363,5 +363,5 @@ class DiceFocalLoss(torch.nn.Module):
             input: ``BNH[WD]`` logits, any floating dtype.
             target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
         """
-        with torch.autocast(input.device.type, enabled=False):  # float32 sums, as in DiceCELoss
-            return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)
+        # each term switches autocast off for its own sums, so both are float32 already
+        return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)

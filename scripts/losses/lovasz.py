@@ -206,8 +206,7 @@ def _softmax_candidates(
     (the extension is then that error). ``is_fg`` is False at ignored voxels."""
     dims = -1 if per_image else (0, -1)
     smallest_fg_error = errors.masked_fill(~is_fg, torch.inf).amin(dims, keepdim=True)
-    if valid is not None:
-        errors = errors.masked_fill(~valid, -torch.inf)
+    # ignored voxels hold error 0 (``_drop_ignored``), no more than any valid error, and leave with ``& valid``
     largest_error = errors.amax(dims, keepdim=True)
     has_fg = is_fg.any(-1, keepdim=True) if per_image else is_fg.any(-1, keepdim=True).any(0, keepdim=True)
     candidates = is_fg | (errors >= torch.where(has_fg, smallest_fg_error, largest_error))
