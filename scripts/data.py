@@ -90,7 +90,8 @@ def inference_datalist(source: str | os.PathLike | list, key: str = "image") -> 
     - a folder with ``dataset.json``: its ``test`` images, else its ``validation`` images (MSD-style; with
       neither, the held-out training images of :func:`load_datalist`);
     - any other folder: every ``*.nii``/``*.nii.gz`` in it, sorted;
-    - a ``.json`` file: a list of paths or of ``{"image": path}`` dicts, relative to the file's folder;
+    - a ``dataset.json`` file: as its folder;
+    - any other ``.json`` file: a list of paths or of ``{"image": path}`` dicts, relative to the file's folder;
     - a NIfTI file, or a list of paths.
 
     Raises:
@@ -115,6 +116,8 @@ def inference_datalist(source: str | os.PathLike | list, key: str = "image") -> 
                 items = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as error:
                 raise DatasetError(f"cannot read inference datalist {path}: {error}") from None
+            if isinstance(items, dict) and path.name == "dataset.json":  # an MSD file: what its folder gives
+                return inference_datalist(path.parent, key)
             if not isinstance(items, list) or not items:
                 raise DatasetError(f"inference datalist {path}: expected a non-empty JSON list, got {items!r:.80}.")
             items = [t if isinstance(t, dict) else {"image": t} for t in items]

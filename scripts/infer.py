@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import tempfile
@@ -98,9 +99,9 @@ def check_header(path: str, num_channels: int) -> nib.spatialimages.SpatialImage
 
 def check_hounsfield(path: str, image: torch.Tensor) -> None:
     """Check that the loaded voxel values can be Hounsfield units of a CT (see ``AIR_CEILING_HU``)."""
-    if image.is_floating_point() and not torch.isfinite(image).all():
+    low, high = (float(v) for v in torch.aminmax(image))  # one pass; a NaN anywhere makes both NaN
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise InputError(f"{path}: expected finite CT intensities, got NaN or infinite values.")
-    low, high = float(image.min()), float(image.max())
     if low > AIR_CEILING_HU or high < TISSUE_FLOOR_HU:
         raise InputError(f"{path}: intensities in [{low:g}, {high:g}] are not CT Hounsfield units (expected air "
                          f"below {AIR_CEILING_HU:g} HU and soft tissue above {TISSUE_FLOOR_HU:g} HU); normalised, "
@@ -149,15 +150,8 @@ def collect_inputs(sources: list[str], summary: Summary) -> list[str]:
 
     paths: list[str] = []
     for source in sources:
-        path = Path(source)
-        if path.is_file() and path.suffix == ".json":
-            try:  # an MSD dataset.json is a dict: its folder is what inference_datalist reads
-                if isinstance(json.loads(path.read_text()), dict):
-                    path = path.parent
-            except (OSError, ValueError):
-                pass  # inference_datalist reports it
         try:
-            paths += [item["image"] for item in inference_datalist(path)]
+            paths += [item["image"] for item in inference_datalist(source)]
         except DatasetError as error:
             summary.failed[source] = str(error)
     return list(dict.fromkeys(paths))
@@ -390,7 +384,8 @@ def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torc
                 continue
             try:
                 label = segment(bundle, item, device, amp_dtype).to(torch.uint8)
-                counts = torch.bincount(label.flatten(), minlength=len(bundle.organ_names)).cpu().tolist()
+                counts = None if volumes_rows is None else torch.bincount(
+                    label.flatten(), minlength=len(bundle.organ_names)).cpu().tolist()  # fmt: skip
                 mask = label.cpu().numpy()
             except Exception as error:  # noqa: BLE001 - one volume's failure (e.g. out of memory) must not end the run
                 summary.failed[path] = _failure(path, error)

@@ -122,6 +122,10 @@ def test_inference_datalist_sources(dataset, tmp_path):
     images = sorted(str(p.resolve()) for p in (dataset / "imagesTr").glob("*.nii.gz"))
     assert [d["image"] for d in inference_datalist(dataset / "imagesTr")] == images
     assert [d["image"] for d in inference_datalist(dataset)] == images[-1:]  # the validation list
+    assert inference_datalist(dataset / "dataset.json") == inference_datalist(dataset)  # the file means its folder
+    (tmp_path / "dict.json").write_text(json.dumps({"training": []}))  # a dict under another name is no datalist
+    with pytest.raises(DatasetError, match="expected a non-empty JSON list"):
+        inference_datalist(tmp_path / "dict.json")
     assert inference_datalist(images[0]) == [{"image": images[0]}]
     (tmp_path / "list.json").write_text(json.dumps([images[1], {"image": images[2]}]))
     assert [d["image"] for d in inference_datalist(tmp_path / "list.json")] == images[1:]
