@@ -410,14 +410,21 @@ def softmax_overlap_stats_and_log_likelihood(
     """``activated_overlap_stats(softmax=True)`` for an index target with multi-channel logits, plus
     ``log p[target]`` ``(B, voxels)`` from the same log-softmax (unmasked), for a cross-entropy term: Dice + CE
     then cost one log-softmax and one fused backward."""
+    *stats, log_at_target = _fused_index_stats(input, encoded, "softmax", include_background, batch, squared_pred,
+                                               with_log_likelihood=True)  # fmt: skip
+    return *stats, log_at_target
+
+
+def _fused_index_stats(input, encoded, activation, include_background, batch, squared_pred, with_log_likelihood=False):
+    """``(tp, fp, fn)`` of an index target through ``_FusedIndexOverlap``, plus ``log p[target]`` if asked."""
     check_input(input)
-    pred_volume, tp, log_at_target = _FusedIndexOverlap.apply(
-        flatten_probs(input), encoded.indices, encoded.mask_weight, "softmax", 2 if squared_pred else 1, True
-    )
+    outputs = _FusedIndexOverlap.apply(flatten_probs(input), encoded.indices, encoded.mask_weight, activation,
+                                       2 if squared_pred else 1, with_log_likelihood)  # fmt: skip
+    pred_volume, tp = outputs[:2]
     weights = None if encoded.mask_weight is None else encoded.mask_weight.to(tp.dtype)
     target_volume = _class_counts(encoded.indices, weights, encoded.num_classes, tp.dtype)
-    tp, fp, fn = _finish_stats(tp, pred_volume - tp, target_volume - tp, encoded, include_background, batch)
-    return tp, fp, fn, log_at_target
+    stats = _finish_stats(tp, pred_volume - tp, target_volume - tp, encoded, include_background, batch)
+    return (*stats, *outputs[2:])
 
 
 def activated_overlap_stats(
@@ -442,14 +449,7 @@ def activated_overlap_stats(
     # for squared_pred it does for any value, since (p - 1)^2 - p^2 = 1 - 2p
     fusable = encoded.indices is not None and other_act is None
     if fusable and (squared_pred or not soft_label or activation != "none"):
-        check_input(input)
-        logits = flatten_probs(input)
-        pred_volume, tp = _FusedIndexOverlap.apply(
-            logits, encoded.indices, encoded.mask_weight, activation, 2 if squared_pred else 1
-        )
-        weights = None if encoded.mask_weight is None else encoded.mask_weight.to(tp.dtype)
-        target_volume = _class_counts(encoded.indices, weights, encoded.num_classes, tp.dtype)
-        return _finish_stats(tp, pred_volume - tp, target_volume - tp, encoded, include_background, batch)
+        return _fused_index_stats(input, encoded, activation, include_background, batch, squared_pred)
     probs = activate(input, sigmoid, softmax, other_act)
     return overlap_stats(probs, encoded, include_background, batch, squared_pred, soft_label)
 
