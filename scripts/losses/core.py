@@ -678,5 +678,10 @@ class RegionLoss(torch.nn.Module):
                 self.soft_label,
             )
             per_class = self.per_class_loss(tp, fp, fn)
-        spatial_dims = input.ndim - 2 if self.none_keeps_spatial_axes else None
+        return self.reduce(per_class, input.ndim)
+
+    def reduce(self, per_class: torch.Tensor, input_ndim: int) -> torch.Tensor:
+        """``reduction`` of the per-class loss with ``class_weight``; ``"none"`` keeps singleton spatial axes
+        where MONAI does (``none_keeps_spatial_axes``)."""
+        spatial_dims = input_ndim - 2 if self.none_keeps_spatial_axes else None
         return reduce_loss(per_class, self.reduction, self.class_weight, spatial_dims)

@@ -21,7 +21,6 @@ from .core import (
     compute_dtype,
     encode_target,
     flatten_probs,
-    reduce_loss,
     softmax_overlap_stats_and_log_likelihood,
 )
 from .dice import DiceLoss
@@ -226,7 +225,7 @@ class DiceCELoss(torch.nn.Module):
         tp, fp, fn, log_at_target = softmax_overlap_stats_and_log_likelihood(
             input, encoded, dice.include_background, dice.batch, dice.squared_pred
         )
-        dice_term = reduce_loss(dice.per_class_loss(tp, fp, fn), self.reduction, dice.class_weight, input.ndim - 2)
+        dice_term = dice.reduce(dice.per_class_loss(tp, fp, fn), input.ndim)
         cross_entropy = index_cross_entropy_from_log_likelihood(
             log_at_target, encoded, self._ce_weight(input.shape[1], log_at_target), self.reduction
         )
