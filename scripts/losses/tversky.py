@@ -9,7 +9,7 @@ import torch
 from .core import RegionLoss, check_probability, check_range, safe_pow
 
 
-def tversky_index(
+def tversky_loss(
     tp: torch.Tensor,
     fp: torch.Tensor,
     fn: torch.Tensor,
@@ -18,8 +18,11 @@ def tversky_index(
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
 ) -> torch.Tensor:
-    """Per-class ``TI = (TP + s_nr) / (TP + alpha FP + beta FN + s_dr)`` (alpha weighs FP, beta FN)."""
-    return (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
+    """Per-class ``1 - TI`` as ``(alpha FP + beta FN + s_dr - s_nr) / (TP + alpha FP + beta FN + s_dr)``: the same
+    number, with ``TI = (TP + s_nr) / (TP + alpha FP + beta FN + s_dr)``
+    (alpha weighs FP, beta FN), without the cancellation of ``1 - TI`` when TI is close to 1 (see ``dice_loss``)."""
+    errors = alpha * fp + beta * fn
+    return (errors + (smooth_dr - smooth_nr)) / (tp + errors + smooth_dr)
 
 
 class TverskyLoss(RegionLoss):
@@ -89,7 +92,7 @@ class TverskyLoss(RegionLoss):
         self.beta = check_probability("beta", beta)
 
     def per_class_loss(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
-        return 1 - tversky_index(tp, fp, fn, self.alpha, self.beta, self.smooth_nr, self.smooth_dr)
+        return tversky_loss(tp, fp, fn, self.alpha, self.beta, self.smooth_nr, self.smooth_dr)
 
 
 class FocalTverskyLoss(TverskyLoss):
