@@ -19,6 +19,7 @@ from .core import (
     check_probability,
     check_range,
     check_reduction,
+    class_sums,
     class_weight,
     compute_dtype,
     encode_target,
@@ -93,8 +94,11 @@ def _index_focal_terms(
             voxel has no positive channel (ignored, or background dropped) or None when all have one.
 
     Returns:
-        ``base`` (``(B, C, N)``, the sigmoid ``t = 0`` term everywhere; None for softmax) and ``at_label``
-        (``(B, N)``, what the voxel's own channel adds to ``base``).
+        ``base`` (``(B, C, N)``, the sigmoid ``t = 0`` term on every channel but each voxel's own, which holds 0;
+        None for softmax) and ``at_label`` (``(B, N)``, the loss of the voxel's own channel: its ``t = 1`` term,
+        or its ``t = 0`` term where it is not labelled). The own channel is left out of ``base`` rather than
+        subtracted again: a confident voxel's ``t = 0`` term there is about its logit, and removing it from a
+        sum of them would cancel most of float32's digits.
     """
     labels_c = labels.unsqueeze(1)
     if use_softmax:
@@ -110,12 +114,15 @@ def _index_focal_terms(
             alpha_pos = alpha.to(logits)[labels]
         elif alpha is not None:
             alpha_neg, alpha_pos = 1 - alpha, alpha
-        base = F.softplus(logits) * torch.exp(gamma * F.logsigmoid(logits)) * alpha_neg
         logit = logits.gather(1, labels_c).squeeze(1)
+        negative = F.softplus(logit) * torch.exp(gamma * F.logsigmoid(logit)) * alpha_neg
+        # times 0, not 0: a non-finite logit there still makes the loss non-finite
+        base = F.softplus(logits) * torch.exp(gamma * F.logsigmoid(logits)) * alpha_neg
+        base = base.scatter_(1, labels_c, negative.unsqueeze(1) * 0)
         positive = F.softplus(-logit) * torch.exp(gamma * F.logsigmoid(-logit))
         if alpha_pos is not None:
             positive = positive * alpha_pos
-        at_label = positive - base.gather(1, labels_c).squeeze(1)
+        return base, positive if labelled is None else torch.where(labelled, positive, negative)
     if labelled is not None:
         at_label = at_label * labelled
     return base, at_label
@@ -243,7 +250,7 @@ class FocalLoss(torch.nn.Module):
                 loss = torch.zeros_like(logits) if base is None else base
                 loss = loss.scatter_add(1, labels.unsqueeze(1), at_label.unsqueeze(1))
                 return self._none(loss, mask, weight, input.shape)
-            per_class = logits.new_zeros(logits.shape[:2]).scatter_add(1, labels, at_label)
+            per_class = class_sums(at_label if mask is None else at_label * mask, labels, num_channels)
             if base is not None:
                 per_class = per_class + (base.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", base, mask))
         else:
