@@ -17,6 +17,7 @@ from .core import (
     activate,
     check_input,
     check_probability,
+    class_sums,
     compute_dtype,
     encode_target,
     flatten_probs,
@@ -77,10 +78,15 @@ def weighted_cross_entropy_sums(
 
 
 def _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta: float) -> torch.Tensor:
-    negatives = log_1mp.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", log_1mp, mask)
-    at_label = (beta * log_p.gather(1, labels.unsqueeze(1)) - (1 - beta) * log_1mp.gather(1, labels.unsqueeze(1)))
-    at_label = at_label.squeeze(1) if mask is None else at_label.squeeze(1) * mask
-    return -((1 - beta) * negatives + torch.zeros_like(negatives).scatter_add(1, labels, at_label))
+    # each voxel's own class is left out of the negatives rather than subtracted again: for a confident voxel
+    # its log(1 - p) is large, and removing it from the sum would cancel most of float32's digits (times 0, not
+    # 0: a non-finite value there, from a non-finite logit, still makes the loss non-finite)
+    index = labels.unsqueeze(1)
+    others = log_1mp.scatter(1, index, log_1mp.gather(1, index) * 0)
+    negatives = others.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", others, mask)
+    at_label = beta * log_p.gather(1, index).squeeze(1)
+    at_label = at_label if mask is None else at_label * mask
+    return -((1 - beta) * negatives + class_sums(at_label, labels, log_p.shape[1]))
 
 
 # below this sum of the non-dominant probabilities, log of it loses digits (or is log 0): those voxels take the
@@ -115,21 +121,29 @@ def _chunk_likelihoods(
 
 
 def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, rest_out, exact_tiny) -> torch.Tensor:
-    """``(3, B, C)``: predicted volume, TP and weighted-CE sum of one voxel chunk of logits with index labels."""
+    """``(4, B, C)``: FP, TP, FN and weighted-CE sum of one voxel chunk of logits with index labels.
+
+    FP and FN are sums of their own terms (as in ``core._index_overlap_sums``): FP over the probabilities with each
+    voxel's own class zeroed for the moment, FN of ``1 - p_t`` as the other classes' sum or ``sigmoid(-x_t)``."""
     log_p, log_1mp = _chunk_likelihoods(logits, softmax, probs_out, rest_out, exact_tiny)
-    probs = probs_out
-    pred_volume = probs.sum(-1) if mask is None else torch.bmm(probs, mask.unsqueeze(-1)).squeeze(-1)
-    at_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
-    tp = torch.zeros_like(pred_volume).scatter_add(1, labels, at_label if mask is None else at_label * mask)
-    return torch.stack((pred_volume, tp, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
+    probs, index, num_classes = probs_out, labels.unsqueeze(1), logits.shape[1]
+    at_label = probs.gather(1, index)
+    probs.scatter_(1, index, 0.0)
+    fp = probs.sum(-1) if mask is None else torch.bmm(probs, mask.unsqueeze(-1)).squeeze(-1)
+    missed = probs.sum(1) if softmax else torch.sigmoid(-logits.gather(1, index).squeeze(1))
+    probs.scatter_(1, index, at_label)
+    at_label = at_label.squeeze(1)
+    tp = class_sums(at_label if mask is None else at_label * mask, labels, num_classes)
+    fn = class_sums(missed if mask is None else missed * mask, labels, num_classes)
+    return torch.stack((fp, tp, fn, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
 
 
 def _chunk_grad_(
     probs, log_rest, logits, labels, mask, softmax: bool, beta: float, grad_sums, any_tiny: bool = True
 ) -> torch.Tensor:
     """Turn a chunk's probabilities ``probs`` ``(B, C, n)``, in place, into the gradient of
-    ``sum(grad_sums * _chunk_sums(...))`` w.r.t. its logits, written out by hand: a few large ops and no
-    logarithm or exponential for the softmax (``log(1 - p_d)`` was kept from the forward).
+    ``sum(grad_sums * (predicted volume, TP, weighted-CE sums))`` w.r.t. its logits, written out by hand: a few
+    large ops and no logarithm or exponential for the softmax (``log(1 - p_d)`` was kept from the forward).
 
     With ``G_v, G_tp, G_ce`` the upstream gradients of the three sums (``(B, C)``), mask ``m``, the label ``y`` and
     ``A_c = (1 - beta) m G_ce_c`` for ``c != y`` (0 at ``y``):
@@ -198,14 +212,14 @@ class _ChunkedIndexSums(torch.autograd.Function):
         dtype = compute_dtype(logits.dtype)
         probs = torch.empty(logits.shape, dtype=dtype, device=logits.device)
         log_rest = probs.new_empty((logits.shape[0], 1, logits.shape[2])) if softmax else None
-        total = None
+        chunk_sums = []
         for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, step):
             stop = start + chunk.shape[-1]
             rest_out = None if log_rest is None else log_rest[:, :, start:stop]
-            sums = _chunk_sums(
-                chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out, exact_tiny
+            chunk_sums.append(
+                _chunk_sums(chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out, exact_tiny)
             )
-            total = sums if total is None else total + sums
+        total = torch.stack(chunk_sums).sum(0)  # pairwise over the chunks, not one after the other
         if not exact_tiny and log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any()):
             return _ChunkedIndexSums._sums(logits, labels, mask, softmax, beta, step, exact_tiny=True)
         return probs, log_rest, total
@@ -218,7 +232,9 @@ class _ChunkedIndexSums(torch.autograd.Function):
         if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
             grad, log_rest, _ = _ChunkedIndexSums._sums(logits, labels, mask, ctx.softmax, ctx.beta, ctx.step)
         with torch.autocast(logits.device.type, enabled=False):
-            grad_sums = grad_sums.to(grad.dtype)
+            grad_fp, grad_tp, grad_fn, grad_ce = grad_sums.to(grad.dtype)
+            # FP, TP and FN as the predicted volume (dFP/dp_c = 1) and a term at each voxel's own class
+            grad_sums = (grad_fp, grad_tp - grad_fp - grad_fn, grad_ce)
             # one check for the whole volume, not two small ops per chunk (each a thread synchronisation)
             any_tiny = log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any())
             for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, ctx.step):
@@ -255,12 +271,8 @@ def combo_sums(
     softmax = softmax and input.shape[1] > 1
     if encoded.indices is not None and (sigmoid or softmax) and not torch.compiler.is_compiling():
         check_input(input)
-        pred_volume, tp, cross_entropy = _ChunkedIndexSums.apply(
-            flatten_probs(input), encoded.indices, mask, softmax, beta
-        )
-        counts = torch.ones_like(encoded.indices, dtype=tp.dtype) if mask is None else mask.to(tp)
-        target_volume = torch.zeros_like(tp).scatter_add(1, encoded.indices, counts)
-        return tp, pred_volume - tp, target_volume - tp, cross_entropy
+        fp, tp, fn, cross_entropy = _ChunkedIndexSums.apply(flatten_probs(input), encoded.indices, mask, softmax, beta)
+        return tp, fp, fn, cross_entropy
     probs, log_p, log_1mp = log_likelihoods(input, sigmoid, softmax, other_act)
     tp, fp, fn = overlap_stats(probs, encoded)
     return tp, fp, fn, weighted_cross_entropy_sums(log_p, log_1mp, encoded, beta)
