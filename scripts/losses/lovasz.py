@@ -58,19 +58,26 @@ def lovasz_grad(
         ``(..., N)`` tensor.
     """
     dtype = dtype or fg_sorted.dtype
-    seen = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=dtype, device=fg_sorted.device)
-    if valid_count is not None:
-        seen = torch.minimum(seen, valid_count)  # padding adds no voxel to the set
+    positions = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=dtype, device=fg_sorted.device)
+    # padding adds no voxel to the set
+    seen = positions if valid_count is None else torch.minimum(positions, valid_count)
     fg_seen = fg_sorted.cumsum(-1, dtype=dtype)
     fg_total = fg_seen[..., -1:].clone() if fg_total is None else fg_total.to(dtype)
-    # Jaccard loss of the set S of the i largest errors, |S| / |fg u S| (= 1 - |fg \ S| / |fg u S| of
-    # Algorithm 1); |fg u S| >= 1 except in a row with no valid voxel, where the clamp gives a zero gradient.
-    # In place: these rows are as large as the logits.
+    # The Jaccard loss of the set S_i of the i largest errors is J_i = s_i / u_i with s_i = |S_i| and
+    # u_i = |fg u S_i| (= 1 - |fg \ S_i| / |fg u S_i| of Algorithm 1); u_i >= 1 except in a row with no valid
+    # voxel, where the clamp gives a zero gradient. In place: these rows are as large as the logits.
     union = fg_seen.neg_().add_(fg_total).add_(seen).clamp_min_(1)
-    jaccard = torch.div(seen, union, out=union)
-    grad = torch.empty_like(jaccard)
-    grad[..., :1] = jaccard[..., :1]
-    torch.sub(jaccard[..., 1:], jaccard[..., :-1], out=grad[..., 1:])
+    # g_i = J_i - J_{i-1} as one fraction of non-negative terms, (ds_i |fg \ S_{i-1}| + s_{i-1} fg_i) / (u_i u_{i-1})
+    # with ds_i = s_i - s_{i-1} in {0, 1}: the difference of two ratios close to each other (g_i ~ 1/u_i) would
+    # lose float32's digits, about 3 % of each weight at 2 x 96^3 voxels.
+    grad = torch.empty_like(union)
+    grad[..., :1] = seen[..., :1] / union[..., :1]
+    body, previous_seen, previous_union = grad[..., 1:], seen[..., :-1], union[..., :-1]
+    torch.sub(previous_union, previous_seen, out=body)  # |fg \ S_{i-1}|
+    if valid_count is not None:
+        body.mul_(positions[1:] <= valid_count)
+    body.add_(fg_sorted[..., 1:] * previous_seen)
+    body.div_(union[..., 1:]).div_(previous_union)
     return grad
 
 
