@@ -21,6 +21,7 @@ from .core import (
     compute_dtype,
     encode_target,
     flatten_probs,
+    off_diagonal_sums,
     overlap_stats,
     reduce_loss,
 )
@@ -123,18 +124,15 @@ def _chunk_likelihoods(
 def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, rest_out, exact_tiny) -> torch.Tensor:
     """``(4, B, C)``: FP, TP, FN and weighted-CE sum of one voxel chunk of logits with index labels.
 
-    FP and FN are sums of their own terms (as in ``core._index_overlap_sums``): FP over the probabilities with each
-    voxel's own class zeroed for the moment, FN of ``1 - p_t`` as the other classes' sum or ``sigmoid(-x_t)``."""
+    TP, FP and FN come from the confusion sums as in ``core._index_overlap_sums``, each a sum of its own terms."""
     log_p, log_1mp = _chunk_likelihoods(logits, softmax, probs_out, rest_out, exact_tiny)
-    probs, index, num_classes = probs_out, labels.unsqueeze(1), logits.shape[1]
-    at_label = probs.gather(1, index)
-    probs.scatter_(1, index, 0.0)
-    fp = probs.sum(-1) if mask is None else torch.bmm(probs, mask.unsqueeze(-1)).squeeze(-1)
-    missed = probs.sum(1) if softmax else torch.sigmoid(-logits.gather(1, index).squeeze(1))
-    probs.scatter_(1, index, at_label)
-    at_label = at_label.squeeze(1)
-    tp = class_sums(at_label if mask is None else at_label * mask, labels, num_classes)
-    fn = class_sums(missed if mask is None else missed * mask, labels, num_classes)
+    probs = probs_out if mask is None else probs_out * mask.unsqueeze(1)
+    confusion = class_sums(probs, labels, logits.shape[1])
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    fp, fn = off_diagonal_sums(confusion)
+    if not softmax:
+        missed = torch.sigmoid(-logits.gather(1, labels.unsqueeze(1)).squeeze(1))
+        fn = class_sums(missed if mask is None else missed * mask, labels, logits.shape[1])
     return torch.stack((fp, tp, fn, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
 
 

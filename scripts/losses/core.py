@@ -285,21 +285,26 @@ _SUM_BLOCK = 2048
 
 
 def class_sums(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, C)`` sums of ``values`` ``(B, N)`` over the voxels of each class of ``indices`` ``(B, N)``, with an
-    error that does not grow with ``N``: per block of ``_SUM_BLOCK`` voxels, then over the blocks."""
+    """Sums of ``values`` ``(B, N)`` or ``(B, R, N)`` over the voxels of each class of ``indices`` ``(B, N)``, as
+    ``(B, C)`` or ``(B, R, C)``, with an error that does not grow with ``N``: per block of ``_SUM_BLOCK`` voxels,
+    then over the blocks."""
+    rows = values.shape[1:-1]
     batch, voxels = indices.shape
-    values = values.expand(batch, voxels)
+    values = values.expand(batch, *rows, voxels).reshape(batch, -1, voxels)
+    index = indices.unsqueeze(1).expand_as(values)
     blocks = voxels // _SUM_BLOCK
     whole = blocks * _SUM_BLOCK
-    sums = values.new_zeros((batch, 1, num_classes))
+    sums = values.new_zeros((*values.shape[:2], num_classes))
     if blocks:
-        per_block = values.new_zeros((batch, blocks, num_classes)).scatter_add_(
-            2, indices[:, :whole].reshape(batch, blocks, _SUM_BLOCK), values[:, :whole].reshape(batch, blocks, -1)
+        per_block = values.new_zeros((*values.shape[:2], blocks, num_classes)).scatter_add_(
+            3,
+            index[..., :whole].reshape(*values.shape[:2], blocks, _SUM_BLOCK),
+            values[..., :whole].reshape(*values.shape[:2], blocks, _SUM_BLOCK),
         )
-        sums = per_block.sum(1, keepdim=True)
+        sums = per_block.sum(2)
     if whole < voxels:
-        sums.scatter_add_(2, indices[:, None, whole:], values[:, None, whole:])
-    return sums.squeeze(1)
+        sums.scatter_add_(2, index[..., whole:], values[..., whole:])
+    return sums.reshape(batch, *rows, num_classes)
 
 
 # The backward of a softmax needs one temporary the size of the slice it works on; walking the volume in
@@ -359,10 +364,9 @@ class _FusedIndexOverlap(torch.autograd.Function):
             probs, log_at_target = _softmax_via_log_softmax_into(logits, indices, buffer, mask_weight)
         else:
             probs = _activate_into(logits, activation, buffer, mask_weight)
-        tp, fp, fn, at_target = _index_overlap_sums(probs, logits, indices, mask_weight, activation, power)
+        tp, fp, fn = _index_overlap_sums(probs, logits, indices, mask_weight, activation, power)
         ctx.save_for_backward(logits, indices, mask_weight)
-        keep = ctx.needs_input_grad[0]
-        ctx.probs, ctx.at_target = (probs, at_target) if keep else (None, None)
+        ctx.probs = probs if ctx.needs_input_grad[0] else None
         ctx.activation, ctx.power, ctx.with_log_likelihood = activation, power, with_log_likelihood
         return (tp, fp, fn, log_at_target) if with_log_likelihood else (tp, fp, fn)
 
@@ -381,14 +385,14 @@ class _FusedIndexOverlap(torch.autograd.Function):
         logits, indices, mask_weight = ctx.saved_tensors
         index = indices.unsqueeze(1)
         # the probabilities are turned into the gradient below
-        (grad, at_target), ctx.probs, ctx.at_target = (ctx.probs, ctx.at_target), None, None
+        grad, ctx.probs = ctx.probs, None
         if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
             grad = torch.empty_like(logits, dtype=grad_at_target.dtype)
             if ctx.with_log_likelihood:  # the same rounding as the first backward
                 _softmax_via_log_softmax_into(logits, indices, grad, mask_weight)
             else:
                 _activate_into(logits, ctx.activation, grad, mask_weight)
-            at_target = grad.gather(1, index)
+        at_target = grad.gather(1, index)  # (B, 1, N): p of each voxel's own class
         # d loss / d p[c, n] = volume_term[c, n] + (c == target[n]) * target_term[n], on voxels that count
         volume_coef = grad_pred_volume.unsqueeze(-1)  # (B, C, 1)
         target_term = grad_at_target.gather(1, indices).unsqueeze(1)  # (B, 1, N)
@@ -478,33 +482,39 @@ def activated_overlap_stats(
 
 
 def _index_overlap_sums(probs, logits, indices, mask_weight, activation: str, power: int):
-    """``(TP, FP, FN, p[target])`` of masked probabilities ``(B, C, N)`` and index targets.
+    """``(TP, FP, FN)`` per image and class of masked probabilities ``(B, C, N)`` and index targets.
 
-    For ``power=1`` each statistic is a sum of its own terms, never the difference of two large sums:
-    ``FP = sum_{t != c} m p_c`` over the probabilities with each voxel's own class zeroed for the moment, and
-    ``FN = sum_{t = c} m (1 - p_t)`` with ``1 - p_t`` as the sum of the other classes' probabilities (softmax) or
-    ``sigmoid(-x_t)``. A confident prediction (``FP, FN << TP``) then keeps float32's relative precision in
-    ``FP`` and ``FN``, which decide the loss. ``power=2`` keeps MONAI's ``FP = sum p^2 - TP``, ``FN = |t| - TP``.
+    For ``power=1`` each statistic is a sum of its own terms, never the difference of two large sums, from the
+    confusion sums ``M[c, k]`` (``p_c`` summed over the voxels of class ``k``): ``TP_c = M[c, c]``,
+    ``FP_c = sum_{k != c} M[c, k]`` and, for the softmax, ``FN_k = sum_{c != k} M[c, k]`` (``1 - p_k`` as the other
+    classes' sum); ``sigmoid(-x_t)`` for the sigmoid. A confident prediction (``FP, FN << TP``) keeps float32's
+    relative precision in ``FP`` and ``FN``, which decide the loss. ``power=2`` keeps MONAI's
+    ``FP = sum p^2 - TP``, ``FN = |t| - TP``. One blockwise scatter of the probabilities makes ``M``.
     """
     num_classes, index = probs.shape[1], indices.unsqueeze(1)
-    at_target = probs.gather(1, index)  # (B, 1, N): p of each voxel's own class
-    tp = class_sums(at_target.squeeze(1), indices, num_classes)
+    confusion = class_sums(probs, indices, num_classes)  # (B, C, C)
+    tp = confusion.diagonal(dim1=1, dim2=2).contiguous()
     if power == 2:
         # the norm is a reduction without a squared copy (MONAI computes squared_pred the same way)
         pred_volume = torch.linalg.vector_norm(probs, 2, -1).square()
         counts = probs.new_ones((1, 1)) if mask_weight is None else mask_weight.to(probs.dtype)
-        return tp, pred_volume - tp, class_sums(counts, indices, num_classes) - tp, at_target
-    probs.scatter_(1, index, 0.0)
-    fp = probs.sum(-1)
+        return tp, pred_volume - tp, class_sums(counts, indices, num_classes) - tp
+    fp, missed_sums = off_diagonal_sums(confusion)
     if activation == "softmax":
-        missed = probs.sum(1)
-    elif activation == "sigmoid":
+        return tp, fp, missed_sums
+    if activation == "sigmoid":
         missed = torch.sigmoid(-logits.gather(1, index).squeeze(1).to(probs.dtype))
         missed = missed if mask_weight is None else missed * mask_weight
     else:
-        missed = (1 if mask_weight is None else mask_weight) - at_target.squeeze(1)
-    probs.scatter_(1, index, at_target)
-    return tp, fp, class_sums(missed, indices, num_classes), at_target
+        missed = (1 if mask_weight is None else mask_weight) - probs.gather(1, index).squeeze(1)
+    return tp, fp, class_sums(missed, indices, num_classes)
+
+
+def off_diagonal_sums(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of ``(B, C, C)`` confusion sums without the diagonal (summed apart, not subtracted)."""
+    errors = confusion.clone()
+    errors.diagonal(dim1=1, dim2=2).zero_()
+    return errors.sum(2), errors.sum(1)
 
 
 def _finish_stats(tp, fp, fn, encoded: EncodedTarget, include_background: bool, batch: bool):
