@@ -4,48 +4,55 @@ Every class is a ``torch.nn.Module`` with ``forward(input, target)``; ``LOSSES``
 classes and ``get_loss(name, **kwargs)`` builds one from a config::
 
     {"_target_": "scripts.losses.get_loss", "name": "focal_tversky", "to_onehot_y": true, "softmax": true}
+
+Adding a loss: one module, one line in ``LOSSES`` below, one preset in ``configs/losses/`` (docs/losses.md,
+"Adding a loss").
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from .combo import ComboLoss
 from .core import LossInputError
 from .dice import DiceLoss, IoULoss, JaccardLoss
+from .dice_combos import DiceBCELoss, DiceCELoss, DiceFocalLoss
+from .focal import FocalLoss
+from .lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from .tversky import FocalTverskyLoss, TverskyLoss
 
-LOSSES: dict[str, type] = {
+LOSSES: dict[str, type[torch.nn.Module]] = {
     "dice": DiceLoss,
     "jaccard": JaccardLoss,
     "iou": IoULoss,
     "tversky": TverskyLoss,
     "focal_tversky": FocalTverskyLoss,
+    "focal": FocalLoss,
+    "dice_ce": DiceCELoss,
+    "dice_bce": DiceBCELoss,
+    "dice_focal": DiceFocalLoss,
+    "combo": ComboLoss,
+    "lovasz_hinge": LovaszHingeLoss,
+    "lovasz_softmax": LovaszSoftmaxLoss,
 }
 
-# registry names of the loss families in sibling modules: module -> {registry name: class name}
-_FAMILY_MODULES = {
-    "focal": {"focal": "FocalLoss"},
-    "dice_combos": {"dice_ce": "DiceCELoss", "dice_bce": "DiceBCELoss", "dice_focal": "DiceFocalLoss"},
-    "combo": {"combo": "ComboLoss"},
-    "lovasz": {"lovasz_hinge": "LovaszHingeLoss", "lovasz_softmax": "LovaszSoftmaxLoss"},
-}
-
-__all__ = ["LOSSES", "LossInputError", "get_loss", *sorted({cls.__name__ for cls in LOSSES.values()}), "IoULoss"]
-
-for _module_name, _names in _FAMILY_MODULES.items():
-    try:
-        _module = importlib.import_module(f"{__name__}.{_module_name}")
-    except ModuleNotFoundError as error:
-        # a family not written yet leaves the package importable; any other import error is a real bug
-        if error.name != f"{__name__}.{_module_name}":
-            raise
-        continue
-    for _registry_name, _class_name in _names.items():
-        LOSSES[_registry_name] = globals()[_class_name] = getattr(_module, _class_name)
-        if _class_name not in __all__:
-            __all__.append(_class_name)
+__all__ = [
+    "LOSSES",
+    "ComboLoss",
+    "DiceBCELoss",
+    "DiceCELoss",
+    "DiceFocalLoss",
+    "DiceLoss",
+    "FocalLoss",
+    "FocalTverskyLoss",
+    "IoULoss",
+    "JaccardLoss",
+    "LossInputError",
+    "LovaszHingeLoss",
+    "LovaszSoftmaxLoss",
+    "TverskyLoss",
+    "get_loss",
+]
 
 
 def get_loss(name: str, **kwargs) -> torch.nn.Module:
