@@ -206,12 +206,20 @@ class FocalLoss(torch.nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            input: ``BNH[WD]`` logits, any floating dtype (computed in float32; float64 stays float64).
-            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+            input: ``BNH[WD]`` logits, any floating dtype (computed in float32; float64 stays float64), or ``BN``
+                classification logits, as MONAI's FocalLoss takes them.
+            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``
+                (``BN`` / ``B1`` for classification logits).
 
         Returns:
-            a scalar, or for ``"none"`` the element-wise loss ``BN'H[WD]`` (N' = N - 1 without background).
+            a scalar, or for ``"none"`` the element-wise loss ``BN'H[WD]`` (N' = N - 1 without background;
+            ``BN'`` for classification logits).
         """
+        if isinstance(input, torch.Tensor) and input.ndim == 2:
+            # a classification batch is a segmentation of one voxel per image
+            as_image = target.unsqueeze(-1) if isinstance(target, torch.Tensor) and target.ndim == 2 else target
+            loss = self.forward(input.unsqueeze(-1), as_image)
+            return loss.squeeze(-1) if self.reduction == "none" else loss
         # autocast would run the masked sums (einsum) in half precision: the loss is float32 by design
         with torch.autocast(input.device.type, enabled=False):
             return self._forward(input, target)
