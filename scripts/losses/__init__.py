@@ -18,6 +18,7 @@ from .core import LossInputError
 from .dice import DiceLoss, IoULoss, JaccardLoss
 from .dice_combos import DiceBCELoss, DiceCELoss, DiceFocalLoss
 from .focal import FocalLoss
+from .generalized_dice import GeneralizedDiceLoss
 from .lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from .tversky import FocalTverskyLoss, TverskyLoss
 
@@ -27,6 +28,7 @@ LOSSES: dict[str, type[torch.nn.Module]] = {
     "iou": IoULoss,
     "tversky": TverskyLoss,
     "focal_tversky": FocalTverskyLoss,
+    "generalized_dice": GeneralizedDiceLoss,
     "focal": FocalLoss,
     "dice_ce": DiceCELoss,
     "dice_bce": DiceBCELoss,
@@ -45,6 +47,7 @@ __all__ = [
     "DiceLoss",
     "FocalLoss",
     "FocalTverskyLoss",
+    "GeneralizedDiceLoss",
     "IoULoss",
     "JaccardLoss",
     "LossInputError",

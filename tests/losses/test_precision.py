@@ -62,6 +62,7 @@ LOSSES = {
         monai.losses.TverskyLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7),
     ),
     "focal_tversky": ({"softmax": True, **FOCAL_TVERSKY}, _focal_tversky_reference),
+    "generalized_dice": ({"softmax": True}, monai.losses.GeneralizedDiceLoss(to_onehot_y=True, softmax=True)),
     "dice_ce": ({"softmax": True}, monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)),
     "dice_focal": ({"softmax": True}, monai.losses.DiceFocalLoss(to_onehot_y=True, softmax=True)),
     "focal": ({}, monai.losses.FocalLoss(to_onehot_y=True)),

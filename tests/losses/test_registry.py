@@ -23,6 +23,7 @@ REGISTRY = {
     "iou": "IoULoss",
     "tversky": "TverskyLoss",
     "focal_tversky": "FocalTverskyLoss",
+    "generalized_dice": "GeneralizedDiceLoss",
     "focal": "FocalLoss",
     "dice_ce": "DiceCELoss",
     "dice_bce": "DiceBCELoss",
@@ -36,6 +37,7 @@ MONAI_ANCHORS = {
     "dice": monai.losses.DiceLoss,
     "jaccard": monai.losses.DiceLoss,
     "tversky": monai.losses.TverskyLoss,
+    "generalized_dice": monai.losses.GeneralizedDiceLoss,
     "focal": monai.losses.FocalLoss,
     "dice_ce": monai.losses.DiceCELoss,
     "dice_focal": monai.losses.DiceFocalLoss,
@@ -113,7 +115,7 @@ def test_arguments_shared_with_monai_keep_monai_defaults(name):
         assert default == monai_default, f"{name}.{argument}: ours {default!r}, MONAI {monai_default!r}"
 
 
-@pytest.mark.parametrize("name", ["dice", "tversky"])
+@pytest.mark.parametrize("name", ["dice", "tversky", "generalized_dice"])
 def test_dice_and_tversky_take_every_monai_argument(name):
     missing = parameters(MONAI_ANCHORS[name]).keys() - parameters(LOSSES[name]).keys()
     assert not missing
