@@ -201,7 +201,8 @@ def load_bundle(config_files: list[str], meta_file: str, device: torch.device, m
     if not steps or not isinstance(steps[0], LoadImaged):
         raise ValueError("the config's preprocessing must be a Compose starting with LoadImaged (so each image can "
                          f"be checked after loading), got {type(preprocessing).__name__}.")  # fmt: skip
-    postprocessing = parser.get_parsed_content("postprocessing")  # "@preprocessing" in Invertd: the same instance
+    # "@preprocessing" in the inverse (InvertArgmaxd, or Invertd in the reference config): the same instance
+    postprocessing = parser.get_parsed_content("postprocessing")
     kept = [t for t in postprocessing.transforms if not isinstance(t, SaveImaged)]
 
     network = parser.get_parsed_content("network_def").to(device).eval()
@@ -307,12 +308,13 @@ def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.d
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with autocast:
         pred = bundle.inferer(image, bundle.network)
-    batch[bundle.image_key], batch["pred"] = image, pred.float()  # Invertd's resampling in float32, as without AMP
+    batch[bundle.image_key], batch["pred"] = image, pred.float()  # the inverse resamples float32, as without AMP
     result = bundle.postprocessing(decollate_batch(batch)[0])
     label = result["pred"]
     if tuple(label.shape[1:]) != item["shape"]:
         raise InputError(f"{item['path']}: the postprocessing gave a mask of shape {tuple(label.shape)}, expected "
-                         f"the input's {item['shape']}; does the config's Invertd undo the preprocessing?")  # fmt: skip
+                         f"the input's {item['shape']}; does the config's postprocessing (InvertArgmaxd or Invertd) "
+                         "undo the preprocessing?")  # fmt: skip
     return label[0].as_tensor() if hasattr(label, "as_tensor") else label[0]
 
 

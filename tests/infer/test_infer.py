@@ -59,6 +59,18 @@ def test_masks_equal_monai_bundle_run(inferred, tiny_bundle, ct_folder, tmp_path
         np.testing.assert_allclose(ours.affine, reference.affine, atol=1e-4)
 
 
+def test_masks_equal_the_model_zoo_postprocessing(inferred, tiny_bundle, ct_folder, tmp_path):
+    """The config's chunked inverse (InvertArgmaxd) against the model zoo's Activationsd -> Invertd -> AsDiscreted,
+    kept in configs/reference/inference_invertd.json, both through the script on the LAS, LPS and permuted phantoms."""
+    inference_json, tiny = tiny_bundle["config"]
+    reference = {**tiny_bundle, "config": [inference_json, str(BUNDLE_ROOT / "configs" / "reference" /
+                                                               "inference_invertd.json"), tiny]}  # fmt: skip
+    assert main(infer_args(reference, str(ct_folder), "--output", str(tmp_path))) == 0
+    for name in NAMES:
+        expected = np.asanyarray(nib.load(tmp_path / f"{name}_seg.nii.gz").dataobj)
+        np.testing.assert_array_equal(np.asanyarray(nib.load(inferred / f"{name}_seg.nii.gz").dataobj), expected)
+
+
 def test_sidecar_names_every_label(inferred):
     sidecar = json.loads((inferred / "las_seg.json").read_text())
     meta = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())

@@ -1,0 +1,258 @@
+"""``scripts.lean_inverse.InvertArgmaxd``: the labels of the model zoo's ``Activationsd -> Invertd -> AsDiscreted``
+on every grid, never more than ``chunk_size`` full-resolution channels at once, and the configs that use it."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BUNDLE_ROOT
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SaveImaged
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import scripts.lean_inverse as lean_inverse
+from scripts.lean_inverse import InvertArgmaxd
+
+CONFIGS = BUNDLE_ROOT / "configs"
+REFERENCE = CONFIGS / "reference" / "inference_invertd.json"
+NUM_CLASSES = 14
+
+
+def rotation(z_degrees: float, x_degrees: float) -> np.ndarray:
+    z, x = np.radians(z_degrees), np.radians(x_degrees)
+    about_z = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+    about_x = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+    return about_z @ about_x
+
+
+def affine_of(columns: np.ndarray, origin=(-40.0, 30.0, -25.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = columns, origin
+    return affine
+
+
+# (shape, affine): odd sizes, anisotropic voxels, each orientation the preprocessing has to undo differently
+GRIDS = {
+    "ras": ((45, 37, 19), affine_of(np.diag([1.5, 1.5, 4.0]))),
+    "lps": ((63, 51, 21), affine_of(np.diag([-0.9, -0.9, 2.5]))),
+    "permuted": ((23, 41, 35), affine_of(np.diag([1.3, 1.7, 3.5])[:, [2, 0, 1]])),  # voxel axis 0 along world z
+    "oblique": ((39, 33, 17), affine_of(rotation(17.0, 9.0) @ np.diag([1.2, 1.4, 3.0]))),
+}
+
+
+def write_ct(folder, name: str, shape, affine, seed: int = 0) -> str:
+    """A CT-like image (air around a soft-tissue ball) on the given grid; only its geometry matters here."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    image = np.where((grid**2).sum(0) < 0.8, 40.0, -1000.0) + rng.normal(0, 10, shape)
+    path = folder / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(path))
+    return str(path)
+
+
+def parsed(*files) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    return parser
+
+
+def without_save(postprocessing: Compose) -> list:
+    return [t for t in postprocessing.transforms if not isinstance(t, SaveImaged)]
+
+
+def smooth_logits(shape, seed: int, scale: float = 4.0) -> torch.Tensor:
+    """Logits that vary like a network's (smooth, several classes competing at every boundary)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, NUM_CLASSES, *shape, generator=generator)
+    return F.avg_pool3d(noise, 3, stride=1, padding=1, count_include_pad=False)[0] * scale
+
+
+def preprocessed_with_pred(parser: ConfigParser, path: str, logits: torch.Tensor | None = None, seed: int = 0) -> dict:
+    data = parser.get_parsed_content("preprocessing")({"image": path})
+    if logits is None:
+        logits = smooth_logits(data["image"].shape[1:], seed)
+    data["pred"] = MetaTensor(logits.clone(), meta=data["image"].meta)
+    return data
+
+
+def exact_ties(probabilities: torch.Tensor) -> torch.Tensor:
+    """Voxels whose two largest probabilities are exactly equal: the only ones where two correct argmaxes may
+    differ."""
+    top_two = probabilities.topk(2, dim=0).values
+    return top_two[0] == top_two[1]
+
+
+@pytest.fixture(scope="module")
+def ct_files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("grids")
+    return {name: write_ct(folder, name, shape, affine) for name, (shape, affine) in GRIDS.items()}
+
+
+# ------------------------------------------------------------------------------------------------ same voxels
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_config_labels_equal_the_model_zoo_postprocessing(ct_files, name, record_property):
+    """inference.json's postprocessing against the kept copy of the model zoo's, each with its own instance of the
+    preprocessing (the inverse checks that the operations were recorded by the same instance)."""
+    ours = parsed(CONFIGS / "inference.json")
+    reference = parsed(CONFIGS / "inference.json", REFERENCE)
+    ours_data = preprocessed_with_pred(ours, ct_files[name])
+    reference_data = preprocessed_with_pred(reference, ct_files[name])
+    assert torch.equal(ours_data["image"].as_tensor(), reference_data["image"].as_tensor())
+
+    activations, invert, argmax = without_save(reference.get_parsed_content("postprocessing"))
+    assert [type(t).__name__ for t in (activations, invert, argmax)] == ["Activationsd", "Invertd", "AsDiscreted"]
+    probabilities = invert(activations(reference_data))["pred"]
+    expected = argmax({"pred": probabilities})["pred"]
+    labels = Compose(without_save(ours.get_parsed_content("postprocessing")))(ours_data)["pred"]
+
+    shape, affine = GRIDS[name]
+    assert labels.shape == expected.shape == (1, *shape) and labels.dtype == expected.dtype
+    np.testing.assert_allclose(labels.affine.numpy(), affine, atol=1e-6)
+    np.testing.assert_allclose(labels.affine.numpy(), expected.affine.numpy(), atol=0)
+    assert labels.meta["filename_or_obj"] == expected.meta["filename_or_obj"]
+    assert len(torch.unique(expected)) >= 4, "a near-constant label map would make the comparison vacuous"
+
+    ties = exact_ties(probabilities.as_tensor())
+    differ = labels.as_tensor()[0] != expected.as_tensor()[0]
+    record_property("exact_ties", int(ties.sum()))
+    print(f"{name}: {int(ties.sum())} exact ties, {int(differ.sum())} differing voxels of {differ.numel()}")
+    assert not (differ & ~ties).any(), "labels differ where the reference's probabilities are not tied"
+    assert int(differ.sum()) <= 1e-6 * differ.numel()
+    assert int(ties.sum()) < 1e-6 * ties.numel(), f"{int(ties.sum())} exact ties: the logits are degenerate"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 14])
+def test_every_chunk_size_gives_the_same_labels(ct_files, chunk_size):
+    parser = parsed(CONFIGS / "inference.json")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    data = preprocessed_with_pred(parser, ct_files["oblique"], seed=1)
+    probabilities = Activationsd("pred", softmax=True)(data)
+    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
+                         AsDiscreted("pred", argmax=True)])(dict(probabilities))["pred"]  # fmt: skip
+    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size)(dict(probabilities))["pred"]
+    assert torch.equal(labels.as_tensor(), reference.as_tensor())
+
+
+def test_ties_go_to_the_lowest_channel_as_in_argmax(ct_files):
+    """Channel 9 is a copy of channel 2, so wherever channel 2 wins, 9 ties with it: argmax says 2, and so must
+    the running maximum (a ``>=`` update would say 9)."""
+    parser = parsed(CONFIGS / "inference.json")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    data = preprocessing({"image": ct_files["lps"]})
+    logits = smooth_logits(data["image"].shape[1:], seed=2)
+    logits[9] = logits[2]
+    data["pred"] = MetaTensor(torch.softmax(logits, 0), meta=data["image"].meta)  # as the inferer gives it
+    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
+                         AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
+    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=4)(dict(data))["pred"]
+    assert (reference == 2).sum() > 100 and not (reference == 9).any()
+    assert torch.equal(labels.as_tensor(), reference.as_tensor())
+
+
+def test_evaluate_json_inverts_pred_and_label_as_before(tmp_path):
+    """evaluate.json (over train.json) with CropForegroundd in the preprocessing: the chunked labels equal
+    the former ``Invertd(["pred", "label"])`` + ``AsDiscreted``, and the label is still inverted by nearest.
+    Voxels cropped away are 0 in every channel after the inverse: an exact tie that both resolve to 0."""
+    shape, affine = GRIDS["lps"]
+    image = write_ct(tmp_path, "image", shape, affine)
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image((np.asanyarray(nib.load(image).dataobj) > 0).astype(np.uint8), affine), str(label))
+    parser = parsed(CONFIGS / "train.json", CONFIGS / "evaluate.json")
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    postprocessing = parser.get_parsed_content("validate#postprocessing")  # without the disabled SaveImaged
+    assert [type(t).__name__ for t in postprocessing.transforms] == ["Activationsd", "InvertArgmaxd", "Invertd"]
+    # scripts/study.py enables the writer as "validate#postprocessing#transforms#3"
+    assert parser["validate#postprocessing#transforms#3#_target_"] == "SaveImaged"
+    assert postprocessing.transforms[1].transform is preprocessing
+    data = preprocessing({"image": image, "label": str(label)})
+    assert any(op["class"] == "CropForeground" for op in data["image"].applied_operations)
+    data["pred"] = MetaTensor(smooth_logits(data["image"].shape[1:], seed=3), meta=data["image"].meta)
+
+    former = Compose([Activationsd("pred", softmax=True),
+                      Invertd(["pred", "label"], preprocessing, orig_keys="image", nearest_interp=[False, True]),
+                      AsDiscreted("pred", argmax=True)])(dict(data))  # fmt: skip
+    ours = Compose(postprocessing.transforms[:3])(dict(data))
+    assert ours["pred"].shape == (1, *shape)
+    assert torch.equal(ours["pred"].as_tensor(), former["pred"].as_tensor())
+    assert torch.equal(ours["label"].as_tensor(), former["label"].as_tensor())
+
+
+# ------------------------------------------------------------------------------------------------ memory bound
+
+
+class ChannelStacks(TorchDispatchMode):
+    """Watches every tensor that any operation returns and keeps the largest number of full-resolution channels
+    held by one of them: a tensor whose last three dimensions are the full-resolution grid (in any axis order,
+    as before the orientation is undone). MONAI's sampling grid (``... x 3`` coordinates) is not a channel stack."""
+
+    def __init__(self, full_shape) -> None:
+        super().__init__()
+        self.full_shape, self.voxels, self.most = sorted(full_shape), math.prod(full_shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 3 and sorted(tensor.shape[-3:]) == self.full_shape:
+                self.most = max(self.most, tensor.numel() // self.voxels)
+        return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_never_more_than_chunk_size_full_resolution_channels(ct_files, monkeypatch, chunk_size):
+    """The stand-in for a 512 x 512 x 800 volume: the chunks are exercised (one call of the per-chunk inverse per
+    chunk, each with ``chunk_size`` channels at most) and no operation makes a full-resolution tensor of more than
+    ``chunk_size`` channels, where the model zoo's pipeline makes one of all 14 (the probe can fail)."""
+    parser = parsed(CONFIGS / "inference.json")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    data = Activationsd("pred", softmax=True)(preprocessed_with_pred(parser, ct_files["permuted"], seed=4))
+    full_shape = GRIDS["permuted"][0]
+
+    chunks = []
+    invert_channels = lean_inverse.invert_channels
+
+    def counting(channels, *args):
+        chunks.append(channels.shape[0])
+        return invert_channels(channels, *args)
+
+    monkeypatch.setattr(lean_inverse, "invert_channels", counting)
+    with ChannelStacks(full_shape) as ours:
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size)(dict(data))["pred"]
+    assert labels.shape == (1, *full_shape)
+    assert chunks == [chunk_size] * (NUM_CLASSES // chunk_size) + [NUM_CLASSES % chunk_size] * (
+        NUM_CLASSES % chunk_size > 0)  # fmt: skip
+    assert 1 <= ours.most <= chunk_size
+
+    with ChannelStacks(full_shape) as reference:
+        Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False)(dict(data))
+    assert reference.most >= NUM_CLASSES
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_non_finite_network_output_is_an_error_naming_the_image(ct_files):
+    parser = parsed(CONFIGS / "inference.json")
+    data = preprocessed_with_pred(parser, ct_files["ras"])
+    data["pred"][3, 2, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"ras\.nii\.gz.*NaN"):
+        InvertArgmaxd("pred", parser.get_parsed_content("preprocessing"), "image")(data)
+
+
+def test_missing_applied_operations_is_an_error():
+    from monai.transforms import Orientationd
+
+    with pytest.raises(ValueError, match="MetaTensor"):
+        InvertArgmaxd("pred", Orientationd("image", "RAS"), "image")({"pred": torch.rand(3, 4, 4, 4),
+                                                                       "image": np.zeros((1, 4, 4, 4))})
+    with pytest.raises(ValueError, match="chunk_size"):
+        InvertArgmaxd("pred", Orientationd("image", "RAS"), "image", chunk_size=0)
