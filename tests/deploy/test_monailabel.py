@@ -57,13 +57,28 @@ from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 
-@pytest.fixture
-def bundle(tmp_path):
+def copy_bundle(folder: Path) -> Path:
     """A copy of the bundle as a MONAI Label app would hold it (`--conf models <name>`)."""
-    copy = tmp_path / "ct_organ_segmentation"
+    copy = folder / "ct_organ_segmentation"
     for part in ("configs", "scripts", "models"):
         shutil.copytree(BUNDLE_ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
     assert (copy / "models" / "model.pt").is_file(), "the bundle ships no models/model.pt"
+    return copy
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return copy_bundle(tmp_path)
+
+
+@pytest.fixture
+def invertd_bundle(tmp_path):
+    """A copy whose inference.json has the model zoo's postprocessing (Activationsd -> Invertd -> AsDiscreted,
+    kept in configs/reference/inference_invertd.json): the bundle as MONAI Label ran it before InvertArgmaxd."""
+    copy = copy_bundle(tmp_path / "invertd")
+    inference = json.loads((copy / "configs" / "inference.json").read_text())
+    reference = json.loads((copy / "configs" / "reference" / "inference_invertd.json").read_text())
+    (copy / "configs" / "inference.json").write_text(json.dumps({**inference, **reference}, indent=4))
     return copy
 
 
@@ -126,6 +141,24 @@ def test_infer_task_writes_the_bundles_mask_in_the_input_space(bundle, studies):
     # MONAI Label loaded models/model.pt and reproduced the bundle's own pipeline voxel for voxel
     np.testing.assert_array_equal(mask, bundle_own_prediction(bundle, image))
     assert len(np.unique(mask)) > 1, "the shipped model segments nothing on a phantom case"
+
+
+def test_infer_task_gives_the_voxels_it_gave_with_invertd(bundle, invertd_bundle, studies):
+    """BundleInferTask appends its own Restored to the config's postprocessing: with InvertArgmaxd in place of
+    Invertd + AsDiscreted, every study's mask is the same, voxel for voxel, on the same grid."""
+    postprocessing = [t["_target_"] for t in json.loads((bundle / "configs" / "inference.json").read_text())[
+        "postprocessing"]["transforms"]]  # fmt: skip
+    assert "scripts.lean_inverse.InvertArgmaxd" in postprocessing and "Invertd" not in postprocessing
+    ours, before = BundleInferTask(str(bundle), {}), BundleInferTask(str(invertd_bundle), {})
+    for image in (non_ras_image(studies), sorted(studies.glob("*.nii.gz"))[0]):
+        ours_file, ours_result = ours({"image": str(image), "device": "cpu"})
+        before_file, before_result = before({"image": str(image), "device": "cpu"})
+        assert ours_result["label_names"] == before_result["label_names"]
+        written, expected = nib.load(ours_file), nib.load(before_file)
+        np.testing.assert_array_equal(written.affine, expected.affine)
+        mask = np.asarray(written.dataobj)
+        np.testing.assert_array_equal(mask, np.asarray(expected.dataobj))
+        assert len(np.unique(mask)) > 1, "the shipped model segments nothing on a phantom case"
 
 
 def test_train_task_fine_tunes_the_shipped_model_for_one_epoch(bundle, studies):
