@@ -19,10 +19,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from scripts.errors import BundleError
+
 NUM_CLASSES = 14  # background + 13 BTCV organs
 
 
-class DatasetError(ValueError):
+class DatasetError(BundleError, ValueError):
     """A dataset that cannot be trained on; the message names the file or value and what was expected."""
 
 

@@ -13,10 +13,13 @@ from ignite.handlers import ProgressBar
 from monai.bundle.config_item import ComponentLocator
 from monai.utils import optional_import
 
+from scripts.config_values import ConfigValueError
+from scripts.errors import BundleError
+
 EPOCH_CHECKPOINT_GLOB = "checkpoint_epoch=*.pt"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(BundleError, RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
@@ -136,10 +139,10 @@ def check_loss_target(target: str) -> str:
     """Check that a loss ``_target_`` string names an importable callable before anything is built.
 
     Raises:
-        ValueError: naming the target and, for ``scripts.losses``, the losses it has.
+        ConfigValueError: naming the target and, for ``scripts.losses``, the losses it has.
     """
     if not isinstance(target, str) or not target:
-        raise ValueError(f"the config's loss#_target_ must be a dotted name such as scripts.losses.DiceCELoss, "
+        raise ConfigValueError(f"the config's loss#_target_ must be a dotted name such as scripts.losses.DiceCELoss, "
                          f"got {target!r}.")  # fmt: skip
     module_name, _, attribute = target.rpartition(".")
     if module_name:
@@ -151,6 +154,6 @@ def check_loss_target(target: str) -> str:
 
         known = ", ".join(f"scripts.losses.{cls.__name__}" for cls in sorted(set(losses.LOSSES.values()),
                                                                              key=lambda c: c.__name__))  # fmt: skip
-        raise ValueError(f"unknown loss {target!r} in the config's loss#_target_; the losses of this bundle are: "
+        raise ConfigValueError(f"unknown loss {target!r} in the config's loss#_target_; the losses of this bundle are: "
                          f"{known}.")  # fmt: skip
     return target

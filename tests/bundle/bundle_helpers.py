@@ -41,3 +41,48 @@ def run_training(dataset_dir: Path, out_dir: Path, extra_files=(), **override) -
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+# what a user may see at most for one bad input: MONAI's own 2-line security warning and logging line, then the
+# bundle's message (the issue's "about 15 lines")
+MAX_ERROR_LINES = 15
+
+
+def bundle_copy(out_dir: Path) -> Path:
+    """A copy of the bundle (configs, scripts, models) to run ``python -m monai.bundle`` in, with ``configs/tiny.json``
+    holding :data:`TINY`, so that a run may write ``models/`` and ``eval/`` without touching the repository."""
+    import json
+    import shutil
+
+    copy = out_dir / "bundle"
+    for part in ("configs", "scripts", "models"):
+        shutil.copytree(BUNDLE_ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.pt.tmp"))
+    (copy / "configs" / "tiny.json").write_text(json.dumps(TINY))
+    return copy
+
+
+def run_bundle(bundle: Path, *args: str, configs=("train.json",), timeout: float = 300, env=None):
+    """``python -m monai.bundle run`` in ``bundle`` as a user types it, with tiny.json merged last; returns
+    ``(exit code, output lines)``: stdout and stderr merged in order, a progress bar's carriage returns read as
+    line ends, blank lines left out."""
+    import os
+    import subprocess
+    import sys
+
+    files = ",".join(f"'configs/{name}'" for name in (*configs, "tiny.json"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]", *args]
+    environment = {key: value for key, value in os.environ.items() if key != "BUNDLE_DEBUG"}
+    environment.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    done = subprocess.run(command, cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=environment)  # fmt: skip
+    return done.returncode, [line for line in done.stdout.replace("\r", "\n").splitlines() if line.strip()]
+
+
+def assert_one_message(result, *names: str) -> str:
+    """A bad input's report: non-zero exit, at most :data:`MAX_ERROR_LINES` lines, the last naming ``names``."""
+    code, lines = result
+    assert code != 0, "\n".join(lines[-30:])
+    assert len(lines) <= MAX_ERROR_LINES, f"{len(lines)} lines:\n" + "\n".join(lines)
+    assert all(name in lines[-1] for name in names), f"last line does not name {names}:\n" + "\n".join(lines)
+    assert "Traceback" not in "\n".join(lines)
+    return lines[-1]

@@ -1,0 +1,87 @@
+"""What a user sees for each wrong input of the bundle (the table "What happens when the input is wrong" in
+docs/README.md): each case is typed as on the command line, in a copy of the bundle, and must end with a non-zero
+exit code, at most 15 lines whose last one names the file or key, and the shipped ``models/model.pt`` untouched."""
+
+import hashlib
+import shutil
+
+import pytest
+from bundle_helpers import assert_one_message, bundle_copy, make_tiny_phantom, run_bundle, train_workflow
+
+from scripts.config_values import ConfigValueError, read_bool, read_int, read_positive_float, read_settings
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return make_tiny_phantom(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return bundle_copy(tmp_path)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- 1. configs read what users type ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typed, meant", [("false", False), ("False", False), ("FALSE", False), ("no", False),
+                                          ("0", False), (0, False), (False, False), ("true", True), ("True", True),
+                                          ("YES", True), ("1", True), (1, True), (True, True), (" yes ", True)])  # fmt: skip
+def test_booleans_as_typed(typed, meant):
+    assert read_bool(typed, "resume") is meant
+
+
+@pytest.mark.parametrize("typed", ["maybe", "", "2", 2, 0.5, None, "ture"])
+def test_other_booleans_name_the_key(typed):
+    with pytest.raises(ConfigValueError, match=r"config key 'resume' \(--resume\): expected true or false"):
+        read_bool(typed, "resume")
+
+
+def test_numbers_as_strings():
+    assert read_int("5", "epochs", minimum=1) == 5 and read_int(5.0, "epochs") == 5 and read_int(" 7 ", "epochs") == 7
+    assert read_positive_float("1e-3", "learning_rate") == 1e-3 and read_positive_float(20, "learning_rate") == 20.0
+    for bad in ("abc", "2.5", True, 0, "-1", "nan", [5]):
+        with pytest.raises(ConfigValueError, match="config key 'epochs'"):
+            read_int(bad, "epochs", minimum=1)
+    for bad in ("abc", 0, -1e-3, "inf", False):
+        with pytest.raises(ConfigValueError, match="config key 'learning_rate'"):
+            read_positive_float(bad, "learning_rate")
+    with pytest.raises(TypeError, match="no reader"):  # a config using a setting without a reader is our bug
+        read_settings(no_such_setting=1)
+
+
+def test_train_json_reads_typed_strings(phantom, tmp_path):
+    workflow = train_workflow(["train.json"], phantom, tmp_path, resume="false", generate_phantom="no",
+                              epochs="3", learning_rate="1e-3", val_interval="2", batch_size="1", amp="False")  # fmt: skip
+    settings = workflow.parser.get_parsed_content("settings")
+    assert settings["resume"] is False and settings["generate_phantom"] is False and settings["amp"] is False
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.max_epochs == 3 and trainer.amp is False
+    assert workflow.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 1e-3
+    assert workflow.parser.get_parsed_content("train#dataloader").batch_size == 1
+    checkpoints = [h for h in workflow.parser.get_parsed_content("train#handlers") if hasattr(h, "resume")]
+    assert [h.resume for h in checkpoints] == [False]
+
+
+def test_generate_phantom_false_with_missing_dir(bundle, tmp_path):
+    missing = tmp_path / "typo_dataset"
+    shipped = digest(bundle / "models" / "model.pt")
+    result = run_bundle(bundle, "--dataset_dir", str(missing), "--generate_phantom", "false")
+    assert_one_message(result, str(missing), "missing or empty")
+    assert not missing.exists()  # no phantom written into a mistyped folder
+    assert digest(bundle / "models" / "model.pt") == shipped and not (bundle / "eval").exists()
+
+
+@pytest.mark.parametrize("key, typed, expected", [("resume", "maybe", "true or false"),
+                                                  ("epochs", "abc", "a whole number >= 1"),
+                                                  ("learning_rate", "fast", "a finite number > 0")])  # fmt: skip
+def test_bad_value_names_the_key(bundle, phantom, key, typed, expected):
+    shipped = digest(bundle / "models" / "model.pt")
+    result = run_bundle(bundle, "--dataset_dir", str(phantom), f"--{key}", typed)
+    last = assert_one_message(result, f"config key '{key}' (--{key})", expected, repr(typed))
+    assert last.startswith("config key")
+    assert digest(bundle / "models" / "model.pt") == shipped and not (bundle / "eval").exists()
