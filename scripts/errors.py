@@ -63,8 +63,20 @@ def _excepthook(exc_type, error, tb, previous=sys.excepthook) -> None:
     if find_user_error(error) is None or debug_requested():
         previous(exc_type, error, tb)
         return
+    _clear_progress_bars()
     sys.stdout.flush()
     print(brief_report(error), file=sys.stderr, flush=True)
+
+
+def _clear_progress_bars() -> None:
+    """An unfinished tqdm bar would be redrawn when the interpreter exits, after the report, as its last line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
 
 
 def report_errors_briefly(debug: bool | str = False) -> bool:

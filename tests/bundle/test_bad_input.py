@@ -85,3 +85,53 @@ def test_bad_value_names_the_key(bundle, phantom, key, typed, expected):
     last = assert_one_message(result, f"config key '{key}' (--{key})", expected, repr(typed))
     assert last.startswith("config key")
     assert digest(bundle / "models" / "model.pt") == shipped and not (bundle / "eval").exists()
+
+
+# --- 3. errors read as one message -----------------------------------------------------------------------------
+
+
+def test_unknown_loss_is_one_message(bundle, phantom):
+    result = run_bundle(bundle, "--dataset_dir", str(phantom), "--loss#_target_", "scripts.losses.NoSuchLoss")
+    assert_one_message(result, "unknown loss 'scripts.losses.NoSuchLoss'", "scripts.losses.DiceCELoss")
+
+
+def test_debug_shows_the_traceback(bundle, phantom):
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--resume", "maybe", "--debug", "true")
+    assert code != 0 and "Traceback (most recent call last):" in lines
+    assert "config key 'resume'" in "\n".join(lines) and len(lines) > 15
+
+
+def test_excepthook_reports_bundle_errors_briefly(monkeypatch, capsys):
+    import sys
+
+    from scripts.data import DatasetError
+    from scripts.errors import report_errors_briefly
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.delenv("BUNDLE_DEBUG", raising=False)
+    report_errors_briefly()
+    report_errors_briefly()  # twice: still one hook
+    try:
+        try:
+            raise DatasetError("image /x.nii.gz: every voxel is NaN.")
+        except DatasetError as error:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from error  # as MONAI wraps it
+    except RuntimeError as wrapped:
+        sys.excepthook(type(wrapped), wrapped, wrapped.__traceback__)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["bundle stopped (BUNDLE_DEBUG=1 shows the traceback):", "image /x.nii.gz: every voxel is NaN."]
+    monkeypatch.setenv("BUNDLE_DEBUG", "1")
+    error = KeyError("a bug of ours")
+    sys.excepthook(KeyError, error, None)
+    assert "KeyError: 'a bug of ours'" in capsys.readouterr().err  # not ours to hide: the full report
+
+
+def test_nan_loss_during_the_run_prints_once(bundle, phantom):
+    # Adam's first step moves every weight by about the learning rate: 1e30 overflows the second forward pass
+    shipped = digest(bundle / "models" / "model.pt")
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--learning_rate", "1e30", "--epochs", "1",
+                             "--val_interval", "1")  # fmt: skip
+    assert code != 0 and "Traceback" not in "\n".join(lines)
+    assert sum("loss is nan" in line for line in lines) == 1, "\n".join(lines)
+    assert lines[-1].startswith("loss is nan at epoch 1, iteration 2; training stopped.")
+    assert digest(bundle / "models" / "model.pt") == shipped
