@@ -4,7 +4,7 @@ Usage::
 
     python -m scripts.benchmark losses [--device cpu|cuda] [--threads 2] [--shape 2,14,64,64,64] [--repeats 5]
     python -m scripts.benchmark metrics [--device cpu|cuda] [--threads 2] [--shape 1,14,128,128,128] [--repeats 5]
-    python -m scripts.benchmark inference [--device cpu|cuda] [--threads 2] [--size 512,512,200] [--volumes 2]
+    python -m scripts.benchmark inference [--device cpu|cuda] [--threads 2] [--cases 2x512x512x200 1x512x512x800]
 
 Each subcommand owns one ``## <Name>`` section of the markdown file and replaces only its own block in it (one
 block per device), so sections written by other subcommands or by hand are kept.
@@ -31,11 +31,16 @@ one accumulation) against MONAI's ``DiceMetric`` and ``MeanIoU`` called on the s
 and with a class-index label (MONAI's ``MeanIoU`` then gets the one-hot copy it requires, as in a real config).
 Runs alternate as for the losses; the table gives medians.
 
-``inference``: voxels per second of ``python -m scripts.infer`` against ``python -m monai.bundle run --config_file
-configs/inference.json`` on the same volumes (phantom cases resampled to a realistic ``--size``, 512 x 512 x 200 by
-default), each a fresh process timed from start to exit (start-up and model loading included, as a user sees it),
-alternating which goes first. The script runs with its defaults for the device (bf16 autocast on recent GPUs,
-loader workers); the bundle run with the config's.
+``inference``: for each case (``--cases``, default two 512 x 512 x 200 CTs and one 512 x 512 x 800 CT, phantom cases
+resampled to that size), wall seconds, voxels per second and the peak resident memory (RSS) of three commands on
+the same volumes: ``python -m scripts.infer``, ``python -m monai.bundle run --config_file configs/inference.json``
+(the bundle's chunked ``InvertArgmaxd``), and the reference, ``monai.bundle run`` with the model zoo's standard
+postprocessing (``Activationsd`` + ``Invertd`` + ``AsDiscreted``, ``configs/reference/inference_invertd.json``
+merged over the config). Each run is a fresh process timed from start to exit (start-up and model loading
+included, as a user sees it), alternating which goes first; its memory is the largest sum of resident memory over
+its process tree (loader workers included), sampled every 0.1 s. Each process's address space is capped
+(``--memory-cap-gb``) so that a command that cannot fit fails alone and the table says so. The script runs with
+its defaults for the device (bf16 autocast on recent GPUs, loader workers); the bundle runs with the config's.
 """
 
 from __future__ import annotations
@@ -407,65 +412,212 @@ def write_benchmark_volumes(folder: Path, size: tuple[int, int, int], count: int
     return count * size[0] * size[1] * size[2]
 
 
-def time_command(command: list[str], threads: int) -> float:
-    """Wall seconds of one fresh process, from start to a successful exit."""
+#: ``VOLUMESxXxYxZ``: the issue's sizes, two abdominal CTs and one whole-body CT
+DEFAULT_CASES = ("2x512x512x200", "1x512x512x800")
+#: each command's address space is capped (``RLIMIT_AS``) so that one that cannot fit fails on its own instead of
+#: pushing the shared 24 GB machine into swapless out-of-memory kills
+DEFAULT_MEMORY_CAP_GB = 18.0
+RSS_SAMPLE_SECONDS = 0.1
+
+
+@dataclass
+class Run:
+    """One fresh process of one command: wall seconds, the peak resident memory of its process tree, and the
+    reason it failed (None when it exited 0)."""
+
+    seconds: float
+    peak_rss_bytes: int
+    error: str | None = None
+
+
+def parse_case(text: str) -> tuple[int, tuple[int, int, int]]:
+    """``"2x512x512x200"`` -> ``(2, (512, 512, 200))``."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected VOLUMESxXxYxZ such as 2x512x512x200, got {text!r}")
+    count, *size = (int(p) for p in parts)
+    return count, tuple(size)
+
+
+def _process_tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (loader workers), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # the process ended while we looked
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def run_measured(command: list[str], threads: int, memory_cap_bytes: int | None, log: Path) -> Run:
+    """One fresh process of ``command`` (stderr to ``log``), timed from start to exit, its tree's resident memory
+    sampled every ``RSS_SAMPLE_SECONDS`` and never below the main process's own ``ru_maxrss``."""
+    import resource
+
+    def cap_address_space() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_cap_bytes, memory_cap_bytes))
+
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - start
+    start, peak = time.perf_counter(), 0
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   preexec_fn=cap_address_space if memory_cap_bytes else None)  # fmt: skip
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, _process_tree_rss(process.pid))
+            time.sleep(RSS_SAMPLE_SECONDS)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: keep Popen from waiting again
+    peak = max(peak, usage.ru_maxrss * 1024)  # Linux reports KiB
+    if process.returncode == 0:
+        return Run(seconds, peak)
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+    return Run(seconds, peak, f"exit status {process.returncode}: {tail[0][:300]}")
+
+
+def inference_commands(inputs: Path, device: str) -> dict[str, Callable[[Path], list[str]]]:
+    """The three commands, by table label: the script, the bundle run with the bundle's postprocessing, and the
+    bundle run with the model zoo's (``configs/reference/inference_invertd.json`` merged over the config)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    config = str(root / "configs" / "inference.json")
+    reference = f"['{config}','{root / 'configs' / 'reference' / 'inference_invertd.json'}']"
+
+    def bundle_run(config_file: str) -> Callable[[Path], list[str]]:
+        return lambda out: [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+                            "--bundle_root", str(root), "--input", str(inputs), "--output_dir", str(out),
+                            "--device", f"$torch.device('{device}')"]  # fmt: skip
+
+    return {
+        "python -m scripts.infer": lambda out: [sys.executable, "-m", "scripts.infer", str(inputs), "--output",
+                                                str(out), "--device", device, "--no-progress"],  # fmt: skip
+        "monai.bundle run, configs/inference.json (InvertArgmaxd)": bundle_run(config),
+        "monai.bundle run, model zoo postprocessing (Invertd), the reference": bundle_run(reference),
+    }
+
+
+def measure_case(count: int, size: tuple[int, int, int], args: argparse.Namespace, tmp: Path
+                 ) -> tuple[int, dict[str, list[Run]]]:  # fmt: skip
+    """Every command on ``count`` volumes of ``size``, ``args.repeats`` times, alternating which goes first."""
+    inputs = tmp / f"in-{count}x{'x'.join(map(str, size))}"
+    voxels = write_benchmark_volumes(inputs, size, count)
+    commands = inference_commands(inputs, args.device)
+    cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb > 0 else None
+    runs: dict[str, list[Run]] = {name: [] for name in commands}
+    for repeat in range(args.repeats):
+        for index, name in enumerate(list(commands) if repeat % 2 == 0 else list(reversed(commands))):
+            out = tmp / f"out-{inputs.name}-{repeat}-{index}"
+            run = run_measured(commands[name](out), args.threads, cap, tmp / f"{out.name}.log")
+            runs[name].append(run)
+            state = "ok" if run.error is None else f"FAILED ({run.error})"
+            print(f"{inputs.name} {name}: {run.seconds:.1f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB, "
+                  f"{state}", flush=True)  # fmt: skip
+    return voxels, runs
+
+
+@dataclass
+class Row:
+    """A command's medians over its completed runs on one case (None when none completed)."""
+
+    seconds: float | None
+    peak_rss_bytes: int | None
+    voxels_per_second: float | None
+    failures: list[str]
+
+    @classmethod
+    def of(cls, runs: list[Run], voxels: int) -> "Row":
+        done = [r for r in runs if r.error is None]
+        failures = [r.error for r in runs if r.error is not None]
+        if not done:
+            return cls(None, None, None, failures)
+        seconds = statistics.median(r.seconds for r in done)
+        return cls(seconds, int(statistics.median(r.peak_rss_bytes for r in done)), voxels / seconds, failures)
+
+
+def inference_verdicts(rows: dict[str, Row]) -> list[str]:
+    """The issue's CPU targets, each met or not, from one case's rows (script, bundle run, reference)."""
+    script, bundle, reference = rows.values()
+    lines = []
+    if reference.seconds is None:
+        return ["The reference did not complete, so the ratios to it cannot be given; "
+                f"{'the script completed' if script.seconds else 'the script did not complete either'}."]
+    if script.seconds is not None:
+        rss_ratio = script.peak_rss_bytes / reference.peak_rss_bytes
+        speed_ratio = script.voxels_per_second / reference.voxels_per_second
+        lines.append(f"Peak RSS of the script / the reference's: {rss_ratio:.2f}x (target <= 0.3x): "
+                     f"{'met' if rss_ratio <= 0.3 else '**not met**'}.")
+        lines.append(f"Voxels per second of the script / the reference's: {speed_ratio:.2f}x (target >= 2x): "
+                     f"{'met' if speed_ratio >= 2 else '**not met**'}.")
+    if script.seconds is not None and bundle.seconds is not None:
+        bundle_ratio = bundle.seconds / script.seconds
+        lines.append(f"`monai.bundle run` with `configs/inference.json` / the script, in seconds: {bundle_ratio:.2f}x "
+                     f"(target <= 1.2x): {'met' if bundle_ratio <= 1.2 else '**not met**'}.")
+    return lines
+
+
+def inference_table(count: int, size: tuple[int, int, int], voxels: int, runs: dict[str, list[Run]],
+                    memory_cap_gb: float) -> list[str]:  # fmt: skip
+    """One case's markdown table and verdicts."""
+    rows = {name: Row.of(case_runs, voxels) for name, case_runs in runs.items()}
+    lines = [f"**{count} x {' x '.join(map(str, size))}** ({voxels / 1e6:.0f} M voxels in all)", "",
+             "| command | seconds (median) | runs | peak RSS (GiB) | voxels per second |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, row in rows.items():
+        done = f"{len(runs[name]) - len(row.failures)} of {len(runs[name])}"
+        if row.seconds is None:
+            lines.append(f"| {name} | did not complete | {done} | | |")
+        else:
+            lines.append(f"| {name} | {row.seconds:.1f} | {done} | {row.peak_rss_bytes / 2**30:.2f} "
+                         f"| {row.voxels_per_second:.3g} |")  # fmt: skip
+    lines.append("")
+    for name, row in rows.items():
+        for failure in dict.fromkeys(row.failures):
+            lines.append(f"- {name} failed under the {memory_cap_gb:g} GiB address-space cap: `{failure}`")
+    lines += [f"- {line}" for line in inference_verdicts(rows)]
+    return lines + [""]
 
 
 def run_inference(args: argparse.Namespace) -> str:
-    import sys
     import tempfile
 
-    size = tuple(int(n) for n in args.size.split(","))
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
-        inputs = Path(tmp) / "in"
-        voxels = write_benchmark_volumes(inputs, size, args.volumes)
-        commands = {
-            "scripts.infer": lambda out: [sys.executable, "-m", "scripts.infer", str(inputs), "--output", str(out),
-                                          "--device", args.device, "--no-progress"],
-            "monai.bundle run": lambda out: [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                                             str(root / "configs" / "inference.json"), "--bundle_root", str(root),
-                                             "--input", str(inputs), "--output_dir", str(out),
-                                             "--device", args.device],
-        }
-        seconds: dict[str, list[float]] = {name: [] for name in commands}
-        for run in range(args.repeats):
-            names = list(commands) if run % 2 == 0 else list(reversed(commands))
-            for name in names:
-                out = Path(tmp) / f"out-{run}-{name.replace(' ', '_')}"
-                seconds[name].append(time_command(commands[name](out), args.threads))
-                print(f"{name:18s} {seconds[name][-1]:7.1f} s  {voxels / seconds[name][-1]:.3g} voxels/s", flush=True)
-    script_s, bundle_s = (statistics.median(seconds[name]) for name in commands)
     device = torch.device(args.device)
-    target = "at least 1.5x with AMP" if device.type == "cuda" else "no slower"
-    verdict = "met" if bundle_s / script_s >= (1.5 if device.type == "cuda" else 1.0) else "**not met**"
-    # the larger run-to-run range of the two commands: a difference inside it is not a measured slow-down
-    noise = max((max(v) - min(v)) / statistics.median(v) for v in seconds.values())
-    if verdict != "met" and device.type != "cuda" and script_s - bundle_s <= noise * bundle_s:
-        verdict = (f"parity, not a gain: the {script_s - bundle_s:.1f} s difference of the medians is inside the "
-                   "run-to-run range")  # fmt: skip
-    spread = {name: f"{min(v):.1f}–{max(v):.1f}" for name, v in seconds.items()}
+    environment = environment_line(device, args.threads, INFERENCE_SOURCES)  # the load average before any run
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
+        for count, size in args.cases:
+            voxels, runs = measure_case(count, size, args, Path(tmp))
+            tables += inference_table(count, size, voxels, runs, args.memory_cap_gb)
+    load_after = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
+    cases = " ".join(f"{c}x{'x'.join(map(str, s))}" for c, s in args.cases)
     return "\n".join([
         f"### {machine_label(device)}",
         "",
-        environment_line(device, args.threads) + f" Input: {args.volumes} phantom CTs resampled to "
-        f"{' x '.join(map(str, size))} voxels ({voxels / 1e6:.0f} M voxels in all), `models/model.pt`, config "
-        "defaults. "
-        f"Median of {args.repeats} alternating runs, each a fresh process (start-up included).",
+        environment + f" Load average {load_after} at the end. Input: phantom CTs resampled to each size, "
+        f"`models/model.pt`, config defaults (the script with its own defaults for the device). Each run is a fresh "
+        f"process timed from start to exit (start-up and model loading included); medians of {args.repeats} "
+        "alternating run(s).",
         "",
-        "| command | seconds (median) | range over runs | voxels per second |",
-        "|---|---:|---:|---:|",
-        f"| `python -m scripts.infer` | {script_s:.1f} | {spread['scripts.infer']} | {voxels / script_s:.3g} |",
-        f"| `python -m monai.bundle run --config_file configs/inference.json` | {bundle_s:.1f} "
-        f"| {spread['monai.bundle run']} | {voxels / bundle_s:.3g} |",
-        "",
-        f"- Speed-up of the script: {bundle_s / script_s:.2f}x (target: {target}): {verdict}.",
+        *tables,
+        "- Peak RSS: the largest resident memory of the command's process tree (main process and loader workers), "
+        f"sampled every {RSS_SAMPLE_SECONDS:g} s, and never below the main process's own `ru_maxrss`. Every command "
+        f"ran with its address space capped at {args.memory_cap_gb:g} GiB (`RLIMIT_AS`), so that one that cannot "
+        "fit fails alone instead of exhausting the shared machine.",
         f"- Command: `python -m scripts.benchmark inference --device {args.device} --threads {args.threads} "
-        f"--size {args.size} --volumes {args.volumes} --repeats {args.repeats}`",
+        f"--cases {cases} --repeats {args.repeats} --memory-cap-gb {args.memory_cap_gb:g}`",
     ])
 
 
@@ -501,13 +653,16 @@ def source_version(paths: tuple[str, ...] = MEASURED_SOURCES) -> str:
     return f"commit `{commit}`" + (" plus uncommitted changes to the measured modules" if changed else "")
 
 
-def environment_line(device: torch.device, threads: int) -> str:
+INFERENCE_SOURCES = ("scripts/infer.py", "scripts/lean_inverse.py", "configs/inference.json", "configs/reference")
+
+
+def environment_line(device: torch.device, threads: int, sources: tuple[str, ...] = MEASURED_SOURCES) -> str:
     import monai
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
-    return (f"Measured {date} at {source_version()} on {platform.system()} {platform.machine()} ({os.cpu_count()} "
-            f"logical CPUs{load}), torch {torch.__version__}, MONAI {monai.__version__}, {threads} torch threads.")
+    return (f"Measured {date} at {source_version(sources)} on {platform.system()} {platform.machine()} "
+            f"({os.cpu_count()} logical CPUs{load}), torch {torch.__version__}, MONAI {monai.__version__}, {threads} torch threads.")
 
 
 def write_block(path: Path, section: str, block_id: str, body: str) -> None:
@@ -550,9 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="prediction shape B,C,H,W[,D] (default: %(default)s)")
     metrics.set_defaults(run=run_metrics, section="Metrics")
     add_common_options(metrics)
-    inference = commands.add_parser("inference", help="scripts.infer against monai.bundle run on the same CTs")
-    inference.add_argument("--size", default="512,512,200", help="voxels per volume X,Y,Z (default: %(default)s)")
-    inference.add_argument("--volumes", type=int, default=2, help="number of volumes (default: %(default)s)")
+    inference = commands.add_parser("inference", help="scripts.infer and monai.bundle run against the model zoo's "
+                                      "postprocessing on the same CTs")  # fmt: skip
+    inference.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES],
+                           metavar="VOLUMESxXxYxZ", help="volumes and their size, one table each (default: "
+                           + " ".join(DEFAULT_CASES) + ")")  # fmt: skip
+    inference.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB,
+                           help="address-space cap of each command in GiB, 0 for none (default: %(default)s)")
     inference.set_defaults(run=run_inference, section="Inference")
     add_common_options(inference, repeats=1)  # a run takes minutes at 512 x 512 x 200
     return parser

@@ -97,3 +97,73 @@ def test_each_subcommand_has_its_own_repeat_default():
     assert parser.parse_args(["inference"]).repeats == 1  # minutes per run at full size
     assert parser.parse_args(["losses"]).repeats == 5
     assert parser.parse_args(["metrics", "--repeats", "3"]).repeats == 3
+
+
+def test_inference_cases_parse_and_default_to_the_issue_sizes():
+    import argparse
+
+    import pytest
+
+    from scripts.benchmark import build_parser, parse_case
+
+    assert parse_case("2x512x512x200") == (2, (512, 512, 200))
+    for bad in ("512x512x200", "2x512x512x0", "2x512xAx200"):
+        with pytest.raises(argparse.ArgumentTypeError, match="VOLUMESxXxYxZ"):
+            parse_case(bad)
+    assert build_parser().parse_args(["inference"]).cases == [(2, (512, 512, 200)), (1, (512, 512, 800))]
+
+
+def test_inference_reference_command_merges_the_model_zoo_postprocessing(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from scripts.benchmark import inference_commands
+
+    commands = inference_commands(tmp_path, "cpu")
+    assert len(commands) == 3 and list(commands)[0] == "python -m scripts.infer"
+    reference = commands[list(commands)[2]](tmp_path / "out")
+    config_files = reference[reference.index("--config_file") + 1]
+    parser = ConfigParser()
+    parser.read_config(ConfigParser.load_config_files(eval(config_files)))  # the list monai.bundle run parses
+    assert [t["_target_"] for t in parser["postprocessing#transforms"]][:3] == ["Activationsd", "Invertd", "AsDiscreted"]
+    ours = commands[list(commands)[1]](tmp_path / "out")
+    assert ConfigParser.load_config_file(ours[ours.index("--config_file") + 1])["postprocessing"]["transforms"][1][
+        "_target_"] == "scripts.lean_inverse.InvertArgmaxd"  # fmt: skip
+
+
+def test_measured_run_sees_the_memory_of_its_process_tree(tmp_path):
+    import sys
+
+    from scripts.benchmark import run_measured
+
+    # the child keeps 300 MB resident in a grandchild, as scripts.infer keeps a volume in a loader worker
+    grandchild = "import time; block = bytearray(300 * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(1)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}], check=True)"
+    run = run_measured([sys.executable, "-c", child], 1, None, tmp_path / "log")
+    assert run.error is None and run.peak_rss_bytes >= 300 * 2**20 and run.seconds >= 1
+
+
+def test_measured_run_over_the_memory_cap_fails_alone(tmp_path):
+    import sys
+
+    from scripts.benchmark import run_measured
+
+    run = run_measured([sys.executable, "-c", "bytearray(2 * 2**30)"], 1, 1 * 2**30, tmp_path / "log")
+    assert run.error is not None and "exit status 1" in run.error and "MemoryError" in run.error
+
+
+def test_inference_table_ratios_and_a_reference_that_did_not_fit():
+    from scripts.benchmark import Run, inference_table
+
+    gib = 2**30
+    names = ["script", "bundle", "reference"]
+    fitted = {"script": [Run(10.0, 1 * gib)], "bundle": [Run(11.0, 1 * gib)], "reference": [Run(30.0, 4 * gib)]}
+    lines = "\n".join(inference_table(1, (10, 10, 10), 3000, {n: fitted[n] for n in names}, 18))
+    assert "| script | 10.0 | 1 of 1 | 1.00 | 300 |" in lines
+    assert "0.25x (target <= 0.3x): met" in lines and "3.00x (target >= 2x): met" in lines
+    assert "1.10x (target <= 1.2x): met" in lines
+
+    failed = {**fitted, "reference": [Run(50.0, 17 * gib, "exit status 1: RuntimeError: can't allocate memory")]}
+    lines = "\n".join(inference_table(1, (10, 10, 10), 3000, {n: failed[n] for n in names}, 18))
+    assert "| reference | did not complete | 0 of 1 | | |" in lines
+    assert "reference failed under the 18 GiB address-space cap: `exit status 1: RuntimeError" in lines
+    assert "did not complete, so the ratios to it cannot be given" in lines and "not met" not in lines
