@@ -299,12 +299,49 @@ def write_volumes_csv(path: Path, rows: list[dict], organ_names: dict[str, str])
 
 # ------------------------------------------------------------------------------------------------ running
 
+#: the share of the device's available memory the stitched network-grid output may take; the rest is for the
+#: network's activations, the windows and the postprocessing
+STITCHING_SHARE = 0.8
+
+
+def stitching_bytes(spatial_shape: tuple[int, ...], num_classes: int) -> int:
+    """Device memory to stitch one volume's windows there: ``SlidingWindowInferer``'s float32 output and count map
+    on the network grid, and the softmax's copy of the output."""
+    return (2 * num_classes + 1) * math.prod(spatial_shape) * 4
+
+
+def available_device_memory(device: torch.device) -> int:
+    """Free device memory plus what PyTorch's cache holds unused (it hands that out before asking the driver)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def choose_stitching(inferer, device: torch.device, spatial_shape: tuple[int, ...], num_classes: int,
+                     path: str, available: int | None = None) -> str | None:  # fmt: skip
+    """On CUDA, point ``inferer`` (a ``SlidingWindowInferer``) at where this volume's windows are stitched: on the
+    device when the network-grid output fits in ``STITCHING_SHARE`` of its available memory, else in host memory
+    (windows still run on the device: ``sw_device``). Returns the log line saying which; None on CPU."""
+    if device.type != "cuda" or not hasattr(inferer, "sw_device"):
+        return None
+    available = available_device_memory(device) if available is None else available
+    needed = stitching_bytes(spatial_shape, num_classes)
+    fits = needed <= STITCHING_SHARE * available
+    inferer.sw_device, inferer.device = device, device if fits else torch.device("cpu")
+    where = f"on {device}" if fits else "in host memory"
+    relation = "<=" if fits else ">"
+    return (f"{path}: sliding windows on {device}, stitched {where} (network-grid output {needed / 2**30:.2f} GiB "
+            f"{relation} {STITCHING_SHARE:.0%} of {available / 2**30:.2f} GiB available)")
+
 
 def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """The config's inferer and postprocessing on one preprocessed item, as ``SupervisedEvaluator`` runs them:
     collate, infer, attach ``pred``, decollate, postprocess. Returns the label volume ``XYZ`` on ``device``."""
     batch = list_data_collate([item["data"]])
     image = batch[bundle.image_key].to(device)
+    stitching = choose_stitching(bundle.inferer, device, tuple(image.shape[2:]), len(bundle.organ_names) or 1,
+                                 item["path"])  # fmt: skip
+    if stitching:
+        print(f"scripts.infer: {stitching}", file=sys.stderr)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with autocast:
         pred = bundle.inferer(image, bundle.network)
