@@ -147,38 +147,19 @@ def _load(path: str, what: str) -> nib.Nifti1Image:
     return image
 
 
-def check_case(item: dict, num_classes: int = NUM_CLASSES) -> None:
-    """Check one ``{"image", "label"}`` entry: readable NIfTI, equal spatial shapes, labels in [0, num_classes).
-
-    Raises:
-        DatasetError: naming the file and the offending shape or values.
-    """
-    image = _load(item["image"], "image")
-    if "label" not in item:
-        return
-    label = _load(item["label"], "label")
-    if image.shape[:3] != label.shape[:3]:
-        raise DatasetError(f"image {item['image']} has shape {image.shape[:3]} but its label {item['label']} has "
-                           f"shape {label.shape[:3]}; they must be equal.")  # fmt: skip
-    values = np.unique(np.asanyarray(label.dataobj))
-    bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
-    if bad.size:
-        raise DatasetError(f"label {item['label']} has values {bad[:10].tolist()} outside the integer labels "
-                           f"0..{num_classes - 1} (background + 13 BTCV organs).")  # fmt: skip
-
-
 def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = True, check: bool = True,
                     num_classes: int = NUM_CLASSES, **phantom_kwargs) -> str:  # fmt: skip
     """Make ``dataset_dir`` ready for training and check it; the bundle's ``initialize`` step calls this.
 
     A missing or empty ``dataset_dir`` is filled with the synthetic phantom (``scripts.phantom.generate``)
     when ``generate_if_missing``; then every training and validation entry is checked with
-    :func:`check_case`, so that bad data stops before the first iteration.
+    :func:`scripts.checks.check_dataset` (geometry, intensities, labels; verdicts cached by file size and
+    modification time), so that bad data stops before the first iteration.
 
     Args:
         dataset_dir: the dataset folder (MSD-style ``dataset.json`` + NIfTI files).
         generate_if_missing: write the phantom when the folder is missing or empty (default True).
-        check: run :func:`check_case` on every entry (default True).
+        check: check every entry (default True).
         num_classes: number of label values, background included (default 14).
         phantom_kwargs: passed to ``scripts.phantom.generate`` (``num_cases``, ``spacing_scale``...).
 
@@ -201,9 +182,10 @@ def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = 
             raise DatasetError(f"dataset_dir {root} is missing or empty and the phantom cannot be written there "
                                f"({error}); pass --dataset_dir <writable folder or existing dataset>.") from None
     if check:
-        for section in ("training", "validation"):
-            for item in load_datalist(root, section):
-                check_case(item, num_classes)
+        from scripts.checks import check_dataset
+
+        check_dataset(root, {section: load_datalist(root, section) for section in ("training", "validation")},
+                      num_classes)  # fmt: skip
     return str(root)
 
 
@@ -265,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "fit":
         print(write_fit_dataset(args.dataset_dir, args.out, args.cases))
     else:
-        prepare_dataset(args.dataset_dir, generate_if_missing=False)
+        try:
+            prepare_dataset(args.dataset_dir, generate_if_missing=False)
+        except BundleError as error:  # the data's fault: its message alone (the base class, as this module may be __main__)
+            raise SystemExit(f"{args.dataset_dir}: FAILED\n{error}") from None
         print(f"{args.dataset_dir}: OK")
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
 
 from monai.bundle import ConfigWorkflow
 
@@ -51,7 +55,6 @@ MAX_ERROR_LINES = 15
 def bundle_copy(out_dir: Path) -> Path:
     """A copy of the bundle (configs, scripts, models) to run ``python -m monai.bundle`` in, with ``configs/tiny.json``
     holding :data:`TINY`, so that a run may write ``models/`` and ``eval/`` without touching the repository."""
-    import json
     import shutil
 
     copy = out_dir / "bundle"
@@ -86,3 +89,53 @@ def assert_one_message(result, *names: str) -> str:
     assert all(name in lines[-1] for name in names), f"last line does not name {names}:\n" + "\n".join(lines)
     assert "Traceback" not in "\n".join(lines)
     return lines[-1]
+
+
+# --- one file of a phantom copy altered as a user's data might be ------------------------------------------------
+
+
+def case_file(dataset: Path, section: str, key: str, index: int = 0) -> Path:
+    """The file of one entry of ``dataset``'s dataset.json (``section`` ``training`` or ``validation``)."""
+    return dataset / json.loads((dataset / "dataset.json").read_text())[section][index][key]
+
+
+def resave(path: Path, data=None, affine=None) -> None:
+    """Write ``path`` again with other voxels or another affine: the one file a bad-input test alters."""
+    original = nib.load(path)
+    data = np.asanyarray(original.dataobj) if data is None else data
+    nib.save(nib.Nifti1Image(data, original.affine if affine is None else affine), path)
+
+
+def flip_first_axis(affine):
+    flipped = affine.copy()
+    flipped[:3, 0] *= -1  # same voxels, mirrored in space
+    return flipped
+
+
+def double_z_spacing(affine):
+    stretched = affine.copy()
+    stretched[:3, 2] *= 2
+    return stretched
+
+
+def translate(affine, millimetres=5.0):
+    moved = affine.copy()
+    moved[:3, 3] += millimetres
+    return moved
+
+
+def all_nan(data):
+    return np.full_like(data, np.nan)
+
+
+def one_infinite_voxel(data):
+    data.flat[data.size // 2] = np.inf
+    return data
+
+
+def constant(data):
+    return np.full_like(data, -1000.0)
+
+
+def all_below_the_hu_window(data):  # varied values, all air: the foreground crop would be empty
+    return np.linspace(-1000, -500, data.size, dtype=np.float32).reshape(data.shape)

@@ -5,8 +5,23 @@ exit code, at most 15 lines whose last one names the file or key, and the shippe
 import hashlib
 import shutil
 
+import nibabel as nib
+import numpy as np
 import pytest
-from bundle_helpers import assert_one_message, bundle_copy, make_tiny_phantom, run_bundle, train_workflow
+from bundle_helpers import (
+    all_nan,
+    assert_one_message,
+    bundle_copy,
+    case_file,
+    constant,
+    double_z_spacing,
+    flip_first_axis,
+    make_tiny_phantom,
+    resave,
+    run_bundle,
+    train_workflow,
+    translate,
+)
 
 from scripts.config_values import ConfigValueError, read_bool, read_int, read_positive_float, read_settings
 
@@ -135,3 +150,50 @@ def test_nan_loss_during_the_run_prints_once(bundle, phantom):
     assert sum("loss is nan" in line for line in lines) == 1, "\n".join(lines)
     assert lines[-1].startswith("loss is nan at epoch 1, iteration 2; training stopped.")
     assert digest(bundle / "models" / "model.pt") == shipped
+
+
+# --- 2. dataset checks before training and evaluation ----------------------------------------------------------
+
+
+@pytest.fixture
+def dataset(phantom, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(phantom, copy)
+    return copy
+
+
+def alter_label_grid(dataset, section, alter):
+    label = case_file(dataset, section, "label")
+    resave(label, affine=alter(nib.load(label).affine))
+    return label
+
+
+def alter_image(dataset, section, alter):
+    image = case_file(dataset, section, "image")
+    resave(image, data=alter(np.asanyarray(nib.load(image).dataobj).astype(np.float32)))
+    return image
+
+
+@pytest.mark.parametrize("section, alter, altered, problem", [
+    ("training", flip_first_axis, alter_label_grid, "is not on its image's voxel grid: axis directions differ"),
+    ("training", double_z_spacing, alter_label_grid, "is not on its image's voxel grid: voxel spacing differs"),
+    ("validation", translate, alter_label_grid, "is not on its image's voxel grid: origin differs by 5 mm"),
+    ("training", all_nan, alter_image, "NaN or infinite voxel(s)"),
+    ("training", constant, alter_image, "is constant"),
+    ("validation", all_nan, alter_image, "NaN or infinite voxel(s)"),
+    ("validation", constant, alter_image, "is constant"),
+])  # fmt: skip
+def test_bad_case_stops_training_before_the_run(bundle, dataset, section, alter, altered, problem):
+    bad_file = altered(dataset, section, alter)
+    shipped = digest(bundle / "models" / "model.pt")
+    result = run_bundle(bundle, "--dataset_dir", str(dataset))
+    assert_one_message(result, str(bad_file), problem)
+    assert digest(bundle / "models" / "model.pt") == shipped and not (bundle / "eval").exists()
+
+
+def test_nan_validation_image_stops_evaluate_json(bundle, dataset):
+    # it used to exit 0 with val_mean_dice 0.0000
+    bad_file = alter_image(dataset, "validation", all_nan)
+    result = run_bundle(bundle, "--dataset_dir", str(dataset), configs=("train.json", "evaluate.json"))
+    assert_one_message(result, str(bad_file), "NaN or infinite voxel(s)")
+    assert not (bundle / "eval").exists()

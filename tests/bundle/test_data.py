@@ -2,16 +2,29 @@
 
 import gzip
 import json
+import re
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_helpers import make_tiny_phantom
+from bundle_helpers import (
+    all_below_the_hu_window,
+    all_nan,
+    case_file,
+    constant,
+    double_z_spacing,
+    flip_first_axis,
+    make_tiny_phantom,
+    one_infinite_voxel,
+    resave,
+    translate,
+)
 
+from scripts.checks import CACHE_NAME, FOREGROUND_HU, check_case
 from scripts.data import (
     DatasetError,
-    check_case,
     inference_datalist,
     load_datalist,
     prepare_dataset,
@@ -148,3 +161,102 @@ def test_fit_dataset_validates_on_its_own_training_cases(dataset, tmp_path):
     assert prepare_dataset(out, generate_if_missing=False) == str(out)  # the files behind the entries check out
     with pytest.raises(DatasetError, match="no training case named"):
         write_fit_dataset(dataset, tmp_path / "bad", cases=["nope"])
+
+
+# --- the checks of issue 11: geometry, intensities, background-only labels, cached verdicts -----------------------
+
+
+@pytest.mark.parametrize("alter, problem", [(flip_first_axis, r"axis directions differ \(label (R|L)\w\w, image (?!\1)\w{3};"),
+                                            (double_z_spacing, r"voxel spacing differs by [\d.]+ mm \(tolerance 0.001 mm\)"),
+                                            (translate, r"origin differs by 5 mm \(tolerance 0.01 mm\)")])  # fmt: skip
+def test_label_off_its_image_grid(dataset, alter, problem):
+    label = case_file(dataset, "training", "label")
+    resave(label, affine=alter(nib.load(label).affine))
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(dataset, generate_if_missing=False)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"image {case_file(dataset, 'training', 'image')}: shape") and "spacing (" in lines[0]
+    assert lines[1].startswith(f"label {label}: shape") and " axes " in lines[1]
+    assert re.search(rf"^label {re.escape(str(label))} is not on its image's voxel grid: {problem}", lines[2])
+
+
+def test_label_within_the_tolerance_passes(dataset):
+    label = case_file(dataset, "training", "label")
+    resave(label, affine=translate(nib.load(label).affine, 0.005))  # half the 1e-2 mm tolerance: rounding, not a move
+    prepare_dataset(dataset, generate_if_missing=False)
+
+
+@pytest.mark.parametrize("section", ["training", "validation"])
+@pytest.mark.parametrize("alter, problem", [(all_nan, r"holds \d+ NaN or infinite voxel\(s\) of \d+"),
+                                            (one_infinite_voxel, r"holds 1 NaN or infinite voxel\(s\)"),
+                                            (constant, r"is constant \(every voxel is -1000, fewer than 2 distinct"),
+                                            (all_below_the_hu_window, f"has no voxel above {FOREGROUND_HU:g} HU")])  # fmt: skip
+def test_images_that_hold_no_ct(dataset, section, alter, problem):
+    image = case_file(dataset, section, "image")
+    resave(image, data=alter(np.asanyarray(nib.load(image).dataobj).astype(np.float32)))
+    with pytest.raises(DatasetError, match=rf"^image {re.escape(str(image))} {problem}"):
+        prepare_dataset(dataset, generate_if_missing=False)
+
+
+def test_background_only_labels_are_one_warning_per_section(dataset, caplog):
+    for section in ("training", "validation"):
+        label = case_file(dataset, section, "label")
+        resave(label, data=np.zeros(nib.load(label).shape, np.uint8))
+    with caplog.at_level("WARNING", logger="scripts.checks"):
+        prepare_dataset(dataset, generate_if_missing=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("1 training label(s) hold only background") and str(case_file(dataset, "training", "label")) in warnings[0]
+    assert warnings[1].startswith("1 validation label(s) hold only background") and "left out of the validation Dice" in warnings[1]
+
+
+def test_verdicts_are_cached_by_size_and_mtime(dataset, monkeypatch):
+    import scripts.checks
+
+    prepare_dataset(dataset, generate_if_missing=False)
+    assert (dataset / CACHE_NAME).is_file()
+    read = []
+    original = scripts.checks.check_case
+    monkeypatch.setattr(scripts.checks, "check_case", lambda item, n: read.append(item["image"]) or original(item, n))
+    prepare_dataset(dataset, generate_if_missing=False)
+    assert read == []  # nothing read again
+    image = case_file(dataset, "training", "image")
+    data = np.asanyarray(nib.load(image).dataobj).astype(np.float32)
+    data.flat[0] = np.nan
+    resave(image, data=data)  # a new file: new size and mtime
+    with pytest.raises(DatasetError, match="NaN"):
+        prepare_dataset(dataset, generate_if_missing=False)
+    assert read == [str(image)]  # only the changed case was read
+
+
+def test_read_only_dataset_is_checked_uncached(dataset):
+    import os
+    import stat
+
+    dataset.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(dataset, os.W_OK):  # root ignores permissions: nothing to test here
+            pytest.skip("running as root")
+        prepare_dataset(dataset, generate_if_missing=False)
+        assert not (dataset / CACHE_NAME).exists()
+    finally:
+        dataset.chmod(stat.S_IRWXU)
+
+
+def test_hu_threshold_is_train_json_s_window():
+    content = json.loads((Path(__file__).resolve().parents[2] / "configs" / "train.json").read_text())
+    window = [t for t in content["train"]["deterministic_transforms"] if t["_target_"] == "ScaleIntensityRanged"]
+    assert [t["a_min"] for t in window] == [FOREGROUND_HU]
+
+
+def test_check_command_reports_one_message(dataset):
+    import subprocess
+    import sys
+
+    image = case_file(dataset, "validation", "image")
+    resave(image, data=np.full(nib.load(image).shape, np.nan, np.float32))
+    done = subprocess.run([sys.executable, "-m", "scripts.data", "check", "--dataset_dir", str(dataset)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)  # fmt: skip
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 1 and len(lines) == 2 and "Traceback" not in done.stderr
+    assert lines[-1].startswith(f"image {image} holds") and "NaN" in lines[-1]
