@@ -1,8 +1,10 @@
-"""Segment CT volumes with the bundle: NIfTI in, one ``uint8`` organ mask per volume out, fast and per-file safe.
+"""Segment CT volumes with the bundle: NIfTI or DICOM in, one ``uint8`` organ mask per volume out, fast and
+per-file safe.
 
 Command line, from the bundle root::
 
     python -m scripts.infer data/ct/ --output masks/                     # a folder of .nii/.nii.gz
+    python -m scripts.infer dicom/series_1/ --output masks/              # a DICOM series (or a folder of them)
     python -m scripts.infer a.nii.gz b.nii.gz --output masks/ --volumes-csv masks/volumes.csv
     python -m scripts.infer data/phantom/dataset.json --output masks/ --amp bf16 --sw-batch-size 16
 
@@ -108,6 +110,36 @@ def check_hounsfield(path: str, image: torch.Tensor) -> None:
                          f"8-bit, MR or unscaled data? Pass --no-hu-check to segment it anyway.")  # fmt: skip
 
 
+def check_dicom_series(folder: str) -> None:
+    """Check that ``folder`` holds one readable, evenly spaced CT series before MONAI's ``PydicomReader`` reads it:
+    that reader skips unreadable files with only a warning and takes the slice spacing as an average, so a
+    missing or broken slice would give a volume of the wrong size or geometry without a word."""
+    import pydicom
+
+    slices = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and is_dicom_file(p)):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            position = np.asarray(header.ImagePositionPatient, dtype=float)
+            rows, columns = np.asarray(header.ImageOrientationPatient, dtype=float).reshape(2, 3)
+            slices.append((int(header.InstanceNumber), float(position @ np.cross(rows, columns)),
+                           str(header.SeriesInstanceUID), (int(header.Rows), int(header.Columns))))  # fmt: skip
+        except Exception as error:  # pydicom raises InvalidDicomError, EOFError, AttributeError... for a bad file
+            raise InputError(f"{path}: not a readable CT slice with position and orientation "
+                             f"({type(error).__name__}: {error}).") from None  # fmt: skip
+    series, sizes = {s[2] for s in slices}, {s[3] for s in slices}
+    if len(series) != 1 or len(sizes) != 1:
+        raise InputError(f"{folder}: expected one DICOM series of equal-sized slices, got {len(series)} series and "
+                         f"slice sizes {sorted(sizes)}; give each series its own folder.")  # fmt: skip
+    if len(slices) < 2:
+        raise InputError(f"{folder}: expected a 3D DICOM series, got {len(slices)} slice.")
+    steps = np.diff([position for _, position, _, _ in sorted(slices)])  # in the reader's order, InstanceNumber
+    if not (np.all(steps > 0) or np.all(steps < 0)) or np.ptp(np.abs(steps)) > 0.01 * np.abs(steps).max():
+        raise InputError(f"{folder}: the slices, in InstanceNumber order, are not evenly spaced (steps from "
+                         f"{np.abs(steps).min():g} to {np.abs(steps).max():g} mm); a slice is missing or the "
+                         "series is not one stack.")  # fmt: skip
+
+
 class CheckedInputs(torch.utils.data.Dataset):
     """The config's preprocessing of each input, run in ``DataLoader`` workers, with the checks before it.
 
@@ -119,20 +151,35 @@ class CheckedInputs(torch.utils.data.Dataset):
                  num_channels: int, hu_check: bool) -> None:  # fmt: skip
         self.paths, self.loader, self.transforms = paths, loader, transforms
         self.image_key, self.num_channels, self.hu_check = image_key, num_channels, hu_check
+        self.dicom_loader = LoadImaged(image_key, reader="PydicomReader", image_only=True)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load(self, path: str) -> tuple[dict, np.ndarray, nib.Nifti1Header, tuple[int, ...]]:
+        """``(loaded dict, affine, header, shape)``; the affine and header are those the mask is written with."""
+        if os.path.isdir(path):  # a DICOM series: its patient space as MONAI reads it (RAS, like NIfTI)
+            check_dicom_series(path)
+            data = self.dicom_loader({self.image_key: path})
+            image = data[self.image_key]
+            if image.ndim != 3:
+                raise InputError(f"{path}: expected one 3D DICOM series, got an image of shape {tuple(image.shape)}.")
+            affine = image.affine.numpy()
+            header = nib.Nifti1Header()
+            header.set_sform(affine, code=1)  # scanner coordinates, as the DICOM series' own
+            header.set_qform(affine, code=1)
+            return data, affine, header, tuple(image.shape)
+        image = check_header(path, self.num_channels)
+        return self.loader({self.image_key: path}), image.affine, image.header, tuple(image.shape[:3])
+
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            header = check_header(path, self.num_channels)
-            data = self.loader({self.image_key: path})
+            data, affine, header, shape = self.load(path)
             if self.hu_check:
                 check_hounsfield(path, data[self.image_key])
             data = self.transforms(data)
-            return {"path": path, "data": data, "affine": header.affine, "header": header.header,
-                    "shape": tuple(header.shape[:3])}  # fmt: skip
+            return {"path": path, "data": data, "affine": affine, "header": header, "shape": shape}
         except InputError as error:
             return {"path": path, "error": str(error)}
         except Exception as error:  # a corrupt gzip stream or a transform failing on odd data
@@ -144,12 +191,35 @@ def _as_is(item: dict) -> dict:
     return item
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_series(folder: Path) -> list[str]:
+    """``[folder]`` when it holds DICOM files (one series), else its subfolders that do, sorted."""
+    if any(is_dicom_file(p) for p in folder.iterdir() if p.is_file()):
+        return [str(folder.resolve())]
+    return [str(sub.resolve()) for sub in sorted(folder.iterdir())
+            if sub.is_dir() and any(is_dicom_file(p) for p in sub.iterdir() if p.is_file())]  # fmt: skip
+
+
 def collect_inputs(sources: list[str], summary: Summary) -> list[str]:
-    """Every NIfTI named by ``sources`` (files, folders, datalists, MSD ``dataset.json``), in order, once."""
-    from scripts.data import DatasetError, inference_datalist
+    """Every NIfTI and DICOM series named by ``sources`` (files, folders, folders of DICOM series, datalists, MSD
+    ``dataset.json``), in order, once. A DICOM series is given by its folder."""
+    from scripts.data import NIFTI_SUFFIXES, DatasetError, inference_datalist
 
     paths: list[str] = []
     for source in sources:
+        folder = Path(source)
+        series = dicom_series(folder) if folder.is_dir() else []
+        paths += series
+        if series and not any(p.name.endswith(NIFTI_SUFFIXES) for p in folder.iterdir()):
+            continue
         try:
             paths += [item["image"] for item in inference_datalist(source)]
         except DatasetError as error:
@@ -483,7 +553,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="exit status: 0 all written, 1 some input failed or was skipped, "
                                             "2 usage or configuration error")  # fmt: skip
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="NIfTI files, folders of them, datalist JSON files or MSD dataset.json files")
+                        help="NIfTI files, folders of them, DICOM series folders, folders of those, datalist JSON "
+                             "files or MSD dataset.json files")
     parser.add_argument("--output", required=True, type=Path, help="folder of the masks (created when missing)")
     parser.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)],
                         help="inference config file(s); later files override earlier ones, as in monai.bundle run "
