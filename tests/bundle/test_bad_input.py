@@ -197,3 +197,30 @@ def test_nan_validation_image_stops_evaluate_json(bundle, dataset):
     result = run_bundle(bundle, "--dataset_dir", str(dataset), configs=("train.json", "evaluate.json"))
     assert_one_message(result, str(bad_file), "NaN or infinite voxel(s)")
     assert not (bundle / "eval").exists()
+
+
+# --- 4. no model is lost -----------------------------------------------------------------------------------------
+
+
+def test_diverging_learning_rate_stops_before_a_model_is_written(bundle, phantom):
+    # finite all the way (1.5e11 on the second iteration), so the NaN stop alone never fired
+    shipped = digest(bundle / "models" / "model.pt")
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--learning_rate", "1000", "--epochs", "1",
+                             "--val_interval", "1")  # fmt: skip
+    assert code != 0 and "Traceback" not in "\n".join(lines)
+    assert sum("training diverged" in line for line in lines) == 1, "\n".join(lines)
+    assert "training diverged and was stopped before writing a model; lower --learning_rate." in lines[-1]
+    assert lines[-1].startswith("loss is ") and "at epoch 1, iteration 2, above 100 x the run's first loss" in lines[-1]
+    assert digest(bundle / "models" / "model.pt") == shipped
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt"]
+
+
+def test_training_keeps_the_shipped_model_aside(bundle, phantom):
+    shipped = digest(bundle / "models" / "model.pt")
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "1")
+    assert code == 0, "\n".join(lines[-30:])
+    kept = [p for p in (bundle / "models").glob("model.*.pt")]
+    assert len(kept) == 1 and digest(kept[0]) == shipped  # the shipped weights, byte for byte
+    assert digest(bundle / "models" / "model.pt") != shipped  # the new best model where MONAI Label looks for it
+    notes = [line for line in lines if "was not written by this run: kept it as" in line]
+    assert len(notes) == 1 and str(kept[0].relative_to(bundle)) in notes[0]

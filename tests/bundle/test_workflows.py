@@ -154,3 +154,21 @@ def test_nan_stop_names_last_checkpoint(tmp_path):
     StopOnNonFiniteLoss(tmp_path).attach(engine)
     with pytest.raises(NonFiniteLossError, match=r"at epoch 3, iteration 7; .*/checkpoint_epoch=10\.pt\. Resume"):
         engine.run([0, 1, 2], max_epochs=5)
+
+
+def test_divergence_rule_on_a_plain_engine(tmp_path):
+    from ignite.engine import Engine
+
+    from scripts.training import DivergingLossError, StopOnNonFiniteLoss
+
+    def run(losses):
+        engine = Engine(lambda e, batch: [{"loss": torch.tensor(losses[e.state.iteration - 1])}])
+        StopOnNonFiniteLoss(tmp_path).attach(engine)
+        engine.run(range(len(losses)), max_epochs=1)
+        return engine.state.iteration
+
+    assert run([3.7, 3.5, 300.0, 2.0]) == 4  # 300 < 100 x 3.7: a bad batch, not divergence
+    assert run([0.02, 0.9, 1.2, 99.0]) == 4  # fine-tuning from a low loss: measured against 1.0, not 0.02
+    with pytest.raises(DivergingLossError, match=r"loss is 371 at epoch 1, iteration 3, above 100 x the run's first "
+                                                 r"loss \(3\.7, at least 1\): training diverged"):  # fmt: skip
+        run([3.7, 3.5, 371.0, 2.0])
