@@ -5,7 +5,6 @@ so the loss and its gradient are finite for any finite logits."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,11 +18,13 @@ from .core import (
     check_probability,
     class_sums,
     compute_dtype,
-    encode_target,
     flatten_probs,
     off_diagonal_sums,
     overlap_stats,
-    reduce_loss,
+    per_voxel_mean,
+    select_classes,
+    takes_fused_index_path,
+    voxel_chunks,
 )
 from .dice import dice_loss
 
@@ -247,8 +248,7 @@ def _chunks(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | Non
     """``(start, logits, labels, mask)`` of each run of ``step`` voxels, logits in the compute dtype (a view when
     already), mask as its float."""
     dtype = compute_dtype(logits.dtype)
-    for start in range(0, logits.shape[-1], step):
-        stop = start + step
+    for start, stop in voxel_chunks(logits.shape[-1], step):
         yield (
             start,
             logits[:, :, start:stop].to(dtype),
@@ -267,7 +267,8 @@ def combo_sums(
     """
     mask = encoded.mask_weight
     softmax = softmax and input.shape[1] > 1
-    if encoded.indices is not None and (sigmoid or softmax) and not torch.compiler.is_compiling():
+    activation = "softmax" if softmax else "sigmoid" if sigmoid else None
+    if takes_fused_index_path(encoded, activation):
         check_input(input)
         fp, tp, fn, cross_entropy = _ChunkedIndexSums.apply(flatten_probs(input), encoded.indices, mask, softmax, beta)
         return tp, fp, fn, cross_entropy
@@ -359,36 +360,17 @@ class ComboLoss(RegionLoss):
         self.alpha = check_probability("alpha", alpha)
         self.beta = check_probability("beta", beta)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: ``BNH[WD]`` logits (with ``sigmoid`` / ``softmax``) or probabilities, any floating dtype.
-            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
-
-        Returns:
-            a scalar, or the per-class loss ``BN'1[11]`` (``N'1[11]`` with ``batch``) for ``"none"``.
-        """
-        # autocast would run the masked sums (einsum) in half precision: the loss is float32 by design
-        with torch.autocast(input.device.type, enabled=False):
-            return self._forward(input, target)
-
-    def _forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
+        """The per-class loss ``BN'`` (``N'`` with ``batch``) from TP, FP, FN and the cross-entropy sums, reduced
+        (``"none"``: ``BN'1[11]``). Overrides ``RegionLoss.compute``: the cross-entropy needs sums besides TP/FP/FN."""
         tp, fp, fn, cross_entropy = combo_sums(input, encoded, self.sigmoid, self.softmax, self.other_act, self.beta)
-        if not self.include_background:
-            if encoded.num_classes == 1:
-                warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=2)
-            else:
-                tp, fp, fn, cross_entropy = tp[:, 1:], fp[:, 1:], fn[:, 1:], cross_entropy[:, 1:]
         if encoded.mask_weight is None:
-            counted = torch.full_like(cross_entropy[:, :1], math.prod(input.shape[2:]))
+            voxels = torch.full_like(cross_entropy[:, :1], math.prod(input.shape[2:]))
         else:
-            counted = encoded.mask_weight.sum(-1, keepdim=True).to(cross_entropy)
-        if self.batch:
-            tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
-            cross_entropy, counted = cross_entropy.sum(0), counted.sum(0)
-        # an image (or batch) with every voxel ignored has a zero sum: 0 / eps = 0, not NaN
-        cross_entropy = cross_entropy / counted.clamp_min(torch.finfo(torch.float32).eps)
+            voxels = encoded.mask_weight.sum(-1, keepdim=True).to(cross_entropy)
+        tp, fp, fn, cross_entropy, voxels = select_classes(
+            (tp, fp, fn, cross_entropy, voxels), encoded.num_classes, self.include_background, self.batch
+        )
         dice = dice_loss(tp, fp, fn, smooth_nr=self.smooth_nr, smooth_dr=self.smooth_dr)
-        per_class = self.alpha * cross_entropy + (1 - self.alpha) * dice
-        return reduce_loss(per_class, self.reduction, self.class_weight, input.ndim - 2)
+        per_class = self.alpha * per_voxel_mean(cross_entropy, voxels) + (1 - self.alpha) * dice
+        return self.finish(per_class, input.ndim)

@@ -313,9 +313,14 @@ def class_sums(values: torch.Tensor, indices: torch.Tensor, num_classes: int) ->
 _BACKWARD_CHUNKS = 8
 
 
-def _voxel_chunks(num_voxels: int) -> list[tuple[int, int]]:
-    size = max(1024, -(-num_voxels // _BACKWARD_CHUNKS))
+def voxel_chunks(num_voxels: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of ``size`` voxels (the last may be shorter): the one chunking of the
+    package, for the fused backward here and Combo's chunked sums."""
     return [(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
+
+
+def _backward_chunks(num_voxels: int) -> list[tuple[int, int]]:
+    return voxel_chunks(num_voxels, max(1024, -(-num_voxels // _BACKWARD_CHUNKS)))
 
 
 def _activate_into(logits: torch.Tensor, activation: str, out: torch.Tensor, mask_weight: torch.Tensor | None):
@@ -406,7 +411,7 @@ class _FusedIndexOverlap(torch.autograd.Function):
                 target_term += grad_log_at_target.unsqueeze(1)
             if ctx.power == 1:
                 dot = torch.bmm(grad_pred_volume.unsqueeze(1), grad).add_(target_term)
-            for start, stop in _voxel_chunks(grad.shape[-1]):
+            for start, stop in _backward_chunks(grad.shape[-1]):
                 probs = grad[:, :, start:stop]
                 if ctx.power == 1:
                     probs.mul_(volume_coef - dot[:, :, start:stop])
@@ -419,7 +424,7 @@ class _FusedIndexOverlap(torch.autograd.Function):
             target_term = at_target.addcmul_(at_target, at_target, value=-1).mul_(target_term)
             if ctx.power == 1:
                 grad.addcmul_(grad, grad, value=-1).mul_(volume_coef)
-            for start, stop in _voxel_chunks(grad.shape[-1]) if ctx.power == 2 else []:
+            for start, stop in _backward_chunks(grad.shape[-1]) if ctx.power == 2 else []:
                 probs = grad[:, :, start:stop]
                 volume_term = probs * (2 * volume_coef)
                 probs.addcmul_(probs, probs, value=-1).mul_(volume_term)
@@ -450,8 +455,15 @@ def _fused_index_stats(input, encoded, activation, include_background, batch, sq
     check_input(input)
     outputs = _FusedIndexOverlap.apply(flatten_probs(input), encoded.indices, encoded.mask_weight, activation,
                                        2 if squared_pred else 1, with_log_likelihood)  # fmt: skip
-    stats = _finish_stats(*outputs[:3], encoded, include_background, batch)
+    stats = select_classes(outputs[:3], encoded.num_classes, include_background, batch)
     return (*stats, *outputs[3:])
+
+
+def takes_fused_index_path(encoded: EncodedTarget, activation: str | None) -> bool:
+    """Whether a loss takes its fused path: an index target, an activation whose gradient the path writes by hand
+    (``"softmax"``, ``"sigmoid"``, or ``"none"`` for probabilities; None for ``other_act``), in eager mode (a compiled
+    graph gets the plain formulas, which the compiler fuses itself)."""
+    return encoded.indices is not None and activation is not None and not _is_compiling()
 
 
 def activated_overlap_stats(
@@ -471,11 +483,10 @@ def activated_overlap_stats(
     if softmax and input.shape[1] == 1:
         warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
         softmax = False
-    activation = "softmax" if softmax else "sigmoid" if sigmoid else "none"
+    activation = "softmax" if softmax else "sigmoid" if sigmoid else None if other_act is not None else "none"
     # with probabilities in [0, 1] and hard labels the soft-label formulation equals the product one;
     # for squared_pred it does for any value, since (p - 1)^2 - p^2 = 1 - 2p
-    fusable = encoded.indices is not None and other_act is None
-    if fusable and (squared_pred or not soft_label or activation != "none"):
+    if takes_fused_index_path(encoded, activation) and (squared_pred or not soft_label or activation != "none"):
         return _fused_index_stats(input, encoded, activation, include_background, batch, squared_pred)
     probs = activate(input, sigmoid, softmax, other_act)
     return overlap_stats(probs, encoded, include_background, batch, squared_pred, soft_label)
@@ -517,17 +528,6 @@ def off_diagonal_sums(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return errors.sum(2), errors.sum(1)
 
 
-def _finish_stats(tp, fp, fn, encoded: EncodedTarget, include_background: bool, batch: bool):
-    if not include_background:
-        if encoded.num_classes == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
-        else:
-            tp, fp, fn = tp[:, 1:], fp[:, 1:], fn[:, 1:]
-    if batch:
-        tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
-    return tp, fp, fn
-
-
 def overlap_stats(
     probs: torch.Tensor,
     encoded: EncodedTarget,
@@ -555,7 +555,7 @@ def overlap_stats(
         tp, fp, fn = _index_stats(probs, encoded, squared_pred, soft_label)
     else:
         tp, fp, fn = _dense_stats(probs, encoded, squared_pred, soft_label)
-    return _finish_stats(tp, fp, fn, encoded, include_background, batch)
+    return select_classes((tp, fp, fn), encoded.num_classes, include_background, batch)
 
 
 def _masked_sum(values: torch.Tensor, mask_weight: torch.Tensor | None) -> torch.Tensor:
@@ -572,16 +572,19 @@ def _index_stats(
     num_classes = encoded.num_classes
     at_target = probs.gather(1, indices.unsqueeze(1)).squeeze(1)  # (B, N): p of each voxel's own class
     counts = torch.ones_like(at_target) if mask_weight is None else mask_weight.to(probs.dtype)
-    target_volume = class_sums(counts, indices, num_classes)
     if not squared_pred and not soft_label:
-        tp = class_sums(at_target * counts, indices, num_classes)
-        pred_volume = _masked_sum(probs, mask_weight)
-    else:
-        # norm formulation: |p - t|^k differs from |p|^k only at target voxels, so correct there
-        power = 2 if squared_pred else 1
-        pred_volume = _masked_sum(probs.abs().pow(power) if power == 2 else probs.abs(), mask_weight)
-        correction = ((at_target - 1).abs().pow(power) - at_target.abs().pow(power)) * counts
-        tp = (target_volume - class_sums(correction, indices, num_classes)) / 2
+        # each statistic a sum of its own terms, as on the fused path (``_index_overlap_sums``)
+        masked = probs if mask_weight is None else probs * mask_weight.unsqueeze(1).to(probs.dtype)
+        confusion = class_sums(masked, indices, num_classes)
+        fp, _ = off_diagonal_sums(confusion)
+        fn = class_sums((1 - at_target) * counts, indices, num_classes)
+        return confusion.diagonal(dim1=1, dim2=2), fp, fn
+    # norm formulation: |p - t|^k differs from |p|^k only at target voxels, so correct there
+    target_volume = class_sums(counts, indices, num_classes)
+    power = 2 if squared_pred else 1
+    pred_volume = _masked_sum(probs.abs().pow(power) if power == 2 else probs.abs(), mask_weight)
+    correction = ((at_target - 1).abs().pow(power) - at_target.abs().pow(power)) * counts
+    tp = (target_volume - class_sums(correction, indices, num_classes)) / 2
     return tp, pred_volume - tp, target_volume - tp
 
 
@@ -621,24 +624,64 @@ def reduce_loss(
     reduction: str,
     weight: torch.Tensor | None = None,
     spatial_dims: int | None = None,
+    counted: torch.Tensor | None = None,
+    voxel_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weight and reduce a ``(B, C')`` (or ``(C',)`` with ``batch=True``) per-class loss.
+    """The one finishing step of every loss: weight, keep what counts, reduce a ``(B, C')`` per-class loss (or
+    ``(C',)`` with ``batch=True``; ``(1, C')`` for a batch-pooled Lovasz problem).
 
     Args:
-        per_class: the loss of each image and class.
-        reduction: ``"mean"`` (over batch and classes), ``"sum"`` or ``"none"``.
+        per_class: the loss of each image and class (for a voxel-wise loss: its mean over the voxels that count).
+        reduction: ``"mean"`` (over images and classes), ``"sum"`` or ``"none"``.
         weight: from ``class_weight``; multiplies each class' loss (no renormalisation, as MONAI).
         spatial_dims: for ``"none"``, append this many singleton axes (MONAI's DiceLoss returns
             ``BN1[11]`` so the result broadcasts against the input); None keeps ``(B, C')`` (MONAI's Tversky).
+        counted: ``(B, C')`` 0/1, the entries that count (Lovasz-softmax's classes present): the others give 0, and
+            ``"mean"`` averages the counted classes of each image (0 for an image with none), then the images.
+        voxel_counts: ``(B, 1)`` voxels that count per image. ``"mean"`` is then the total over every voxel and class
+            divided by these voxels, not by voxels x classes: MONAI's FocalLoss mean with a mask, and torch's
+            (weighted) cross-entropy mean with ``per_class`` ``(B, 1)`` and the weights in the counts.
     """
     loss = apply_class_weight(per_class, weight)
-    if reduction == "mean":
-        return loss.mean()
+    if counted is not None:
+        loss = loss * counted  # a product, not a mask: NaN stays visible
     if reduction == "sum":
         return loss.sum()
+    if reduction == "mean":
+        if voxel_counts is not None:
+            return (loss * voxel_counts).sum() / voxel_counts.sum().clamp_min(torch.finfo(torch.float32).eps)
+        if counted is not None:
+            return (loss.sum(-1) / counted.sum(-1).clamp_min(1)).mean()
+        return loss.mean()
     if reduction == "none":
         return loss if spatial_dims is None else loss.reshape(*loss.shape, *([1] * spatial_dims))
     raise LossInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+def per_voxel_mean(total: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+    """``total / voxels``, 0 (not NaN) where no voxel counts, so an all-ignored image has a zero gradient."""
+    return total / voxels.clamp_min(torch.finfo(torch.float32).eps)
+
+
+def first_class(num_classes: int, include_background: bool) -> int:
+    """The first class a loss keeps: 1 without the background, except for one channel (MONAI warns and keeps it)."""
+    if include_background:
+        return 0
+    if num_classes == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        return 0
+    return 1
+
+
+def select_classes(sums, num_classes: int, include_background: bool = True, batch: bool = False) -> tuple:
+    """Drop the background from ``(B, C)`` per-class sums (``(B, 1)`` ones pass as they are) and, with ``batch``,
+    pool them over the images: the same selection for the statistics of every loss."""
+    first = first_class(num_classes, include_background)
+    if first:
+        sums = [total if total.shape[-1] == 1 else total[:, first:] for total in sums]
+    if batch:
+        sums = [total.sum(0) for total in sums]
+    return tuple(sums)
 
 
 def safe_pow(base: torch.Tensor, exponent: float) -> torch.Tensor:
@@ -653,9 +696,70 @@ def safe_pow(base: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.where(positive, powered, base * 0)  # base * 0 keeps NaN (non-finite logits stay visible)
 
 
-class RegionLoss(torch.nn.Module):
-    """Base of the overlap losses (Dice, Jaccard, Tversky, Focal Tversky): holds MONAI's switches and turns
-    ``(input, target)`` into per-class ``(tp, fp, fn)``; a subclass only defines ``per_class_loss``.
+class SegmentationLoss(torch.nn.Module):
+    """Base of every loss in this package: MONAI's common switches, the class-weight buffer, the forward that
+    encodes the target and computes in float32 with autocast off, and the one finishing step (``reduce_loss``).
+
+    A subclass implements ``compute(input, encoded)``, ending in ``self.finish(...)``.
+
+    Args:
+        include_background: if False, channel 0 (background) is excluded. Defaults to True.
+        to_onehot_y: ``target`` holds ``B1H[WD]`` class indices. Defaults to False.
+        reduction: ``"none" | "mean" | "sum"``. Defaults to ``"mean"``.
+        weight: per-class weight (scalar or one value per used class). Defaults to None.
+        ignore_index: target label whose voxels contribute nothing. Defaults to None.
+    """
+
+    #: with ``reduction="none"``: MONAI's DiceLoss appends singleton spatial axes, its TverskyLoss does not
+    none_keeps_spatial_axes = False
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        reduction: str = "mean",
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.include_background = bool(include_background)
+        self.to_onehot_y = bool(to_onehot_y)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.class_weight: torch.Tensor | None
+        self.register_buffer("class_weight", class_weight(weight))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``BNH[WD]`` logits or probabilities (N classes), any floating dtype.
+            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
+
+        Returns:
+            a scalar for ``"mean"``/``"sum"``, or the unreduced loss for ``"none"`` (shapes in each class'
+            docstring). Always float32 (float64 for float64 input).
+        """
+        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+        # autocast would run the sums (bmm, einsum) in half precision: every loss is float32 by design
+        with torch.autocast(input.device.type, enabled=False):
+            return self.compute(input, encoded)
+
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, per_class: torch.Tensor, input_ndim: int, **options) -> torch.Tensor:
+        """``reduce_loss`` with this loss' reduction and class weight; ``"none"`` keeps singleton spatial axes
+        where MONAI does (``none_keeps_spatial_axes``). ``options``: ``reduce_loss``'s ``counted`` and
+        ``voxel_counts``, or ``weight`` to replace the class weight (None where a loss applied it itself)."""
+        spatial_dims = input_ndim - 2 if self.none_keeps_spatial_axes else None
+        weight = options.pop("weight", self.class_weight)
+        return reduce_loss(per_class, self.reduction, weight, spatial_dims, **options)
+
+
+class RegionLoss(SegmentationLoss):
+    """Base of the overlap losses (Dice, Jaccard, Tversky, Focal Tversky, Generalised Dice, Combo): holds MONAI's
+    switches and turns ``(input, target)`` into per-class ``(tp, fp, fn)``; a subclass only defines
+    ``per_class_loss`` (Combo, whose cross-entropy needs more sums, overrides ``compute`` instead).
 
     Args:
         include_background: if False, channel 0 (background) is excluded. Defaults to True.
@@ -668,9 +772,6 @@ class RegionLoss(torch.nn.Module):
         soft_label: soft-label formulation of the statistics. Defaults to False.
         ignore_index: target label whose voxels contribute nothing. Defaults to None.
     """
-
-    #: with ``reduction="none"``: MONAI's DiceLoss appends singleton spatial axes, its TverskyLoss does not
-    none_keeps_spatial_axes = False
 
     def __init__(
         self,
@@ -688,56 +789,31 @@ class RegionLoss(torch.nn.Module):
         ignore_index: int | None = None,
         squared_pred: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
         check_activation(sigmoid, softmax, other_act)
-        self.include_background = bool(include_background)
-        self.to_onehot_y = bool(to_onehot_y)
         self.sigmoid = bool(sigmoid)
         self.softmax = bool(softmax)
         self.other_act = other_act
-        self.reduction = check_reduction(reduction)
         self.smooth_nr = check_range("smooth_nr", smooth_nr, 0.0)
         self.smooth_dr = check_range("smooth_dr", smooth_dr, 0.0)
         self.batch = bool(batch)
         self.soft_label = bool(soft_label)
-        self.ignore_index = check_ignore_index(ignore_index)
         self.squared_pred = bool(squared_pred)
-        self.class_weight: torch.Tensor | None
-        self.register_buffer("class_weight", class_weight(weight))
 
     def per_class_loss(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: ``BNH[WD]`` logits or probabilities (N classes), any floating dtype.
-            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
-
-        Returns:
-            a scalar for ``"mean"``/``"sum"``; for ``"none"`` the per-class loss ``(B, N)`` (``(N,)`` with
-            ``batch=True``), plus singleton spatial axes where MONAI adds them. Always float32 (float64
-            for float64 input).
-        """
-        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
-        # autocast would run the sums (bmm) in half precision: the loss is float32 by design
-        with torch.autocast(input.device.type, enabled=False):
-            tp, fp, fn = activated_overlap_stats(
-                input,
-                encoded,
-                self.sigmoid,
-                self.softmax,
-                self.other_act,
-                self.include_background,
-                self.batch,
-                self.squared_pred,
-                self.soft_label,
-            )
-            per_class = self.per_class_loss(tp, fp, fn)
-        return self.reduce(per_class, input.ndim)
-
-    def reduce(self, per_class: torch.Tensor, input_ndim: int) -> torch.Tensor:
-        """``reduction`` of the per-class loss with ``class_weight``; ``"none"`` keeps singleton spatial axes
-        where MONAI does (``none_keeps_spatial_axes``)."""
-        spatial_dims = input_ndim - 2 if self.none_keeps_spatial_axes else None
-        return reduce_loss(per_class, self.reduction, self.class_weight, spatial_dims)
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
+        """The per-class loss ``(B, N')`` (``(N',)`` with ``batch=True``) of the statistics, reduced."""
+        tp, fp, fn = activated_overlap_stats(
+            input,
+            encoded,
+            self.sigmoid,
+            self.softmax,
+            self.other_act,
+            self.include_background,
+            self.batch,
+            self.squared_pred,
+            self.soft_label,
+        )
+        return self.finish(self.per_class_loss(tp, fp, fn), input.ndim)

@@ -13,54 +13,43 @@ import torch.nn.functional as F
 from .core import (
     EncodedTarget,
     LossInputError,
-    check_ignore_index,
+    SegmentationLoss,
     check_probability,
     check_range,
-    check_reduction,
-    class_weight,
     compute_dtype,
     encode_target,
     flatten_probs,
+    per_voxel_mean,
+    reduce_loss,
     softmax_overlap_stats_and_log_likelihood,
+    takes_fused_index_path,
 )
 from .dice import DiceLoss
 from .focal import FocalLoss
 
 
-def _mean_over(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``total / count``, 0 (not NaN) when nothing counts, so an all-ignored batch has a zero gradient."""
-    return total / count.clamp_min(torch.finfo(torch.float32).eps)
-
-
 def cross_entropy_term(
-    logits: torch.Tensor,
-    encoded: EncodedTarget,
-    labels: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    ignore_index: int | None,
-    label_smoothing: float,
-    reduction: str,
+    logits: torch.Tensor, encoded: EncodedTarget, weight: torch.Tensor | None, label_smoothing: float, reduction: str
 ) -> torch.Tensor:
     """Softmax cross-entropy of ``(B, C, N)`` logits as ``torch.nn.CrossEntropyLoss`` (what MONAI's DiceCE uses),
     with voxels that do not count removed from the sum and from the mean's denominator.
 
-    Index targets go to ``F.cross_entropy`` as ``(B, N)`` labels (``ignore_index`` and the weighted mean
-    ``sum w_y l / sum w_y`` are torch's); one-hot / soft targets use probability targets, whose mean is over
-    voxels. Returns a scalar, or ``(B, 1, N)`` for ``"none"``.
+    Index targets give ``F.cross_entropy`` their ``(B, N)`` labels (the weighted mean ``sum w_y l / sum w_y``
+    is torch's); one-hot / soft targets use probability targets, whose mean is over voxels. Returns a scalar, or
+    ``(B, 1, N)`` for ``"none"``.
     """
-    if labels is not None:
-        ignore = -100 if ignore_index is None else ignore_index
+    if encoded.indices is not None:
         per_voxel = F.cross_entropy(
-            logits, labels, weight, ignore_index=ignore, reduction="none", label_smoothing=label_smoothing
+            logits, encoded.indices, weight, reduction="none", label_smoothing=label_smoothing
         )
         counts = torch.ones_like(per_voxel) if weight is None else weight[encoded.indices]
-        if encoded.mask is not None:
-            counts = counts * encoded.mask
+        mask = encoded.mask
     else:
         per_voxel = F.cross_entropy(logits, encoded.dense, weight, reduction="none", label_smoothing=label_smoothing)
-        counts = torch.ones_like(per_voxel) if encoded.mask_weight is None else encoded.mask_weight
-        per_voxel = per_voxel * counts
-    return _reduce_cross_entropy(per_voxel, counts, reduction)
+        counts, mask = torch.ones_like(per_voxel), encoded.mask_weight
+    if mask is not None:
+        per_voxel, counts = per_voxel * mask, counts * mask
+    return finish_cross_entropy(per_voxel, counts, reduction)
 
 
 def index_cross_entropy_from_log_likelihood(
@@ -72,16 +61,19 @@ def index_cross_entropy_from_log_likelihood(
     if encoded.mask is not None:
         counts = encoded.mask_weight.to(log_at_target) if counts is None else counts * encoded.mask
     per_voxel = -log_at_target if counts is None else -(log_at_target * counts)
-    return _reduce_cross_entropy(per_voxel, torch.ones_like(per_voxel) if counts is None else counts, reduction)
+    return finish_cross_entropy(per_voxel, torch.ones_like(per_voxel) if counts is None else counts, reduction)
 
 
-def _reduce_cross_entropy(per_voxel: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``(B, 1, N)`` for ``"none"``, the sum, or ``torch.nn.CrossEntropyLoss``'s mean ``sum l / sum counts``."""
+def finish_cross_entropy(per_voxel: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``(B, 1, N)`` for ``"none"``; else the core's ``reduce_loss`` of each image's total: torch's ``"sum"`` of
+    every voxel's loss, or its mean ``sum l / sum counts`` (``counts`` the class weight of each voxel that counts)."""
     if reduction == "none":
         return per_voxel.unsqueeze(1)
+    totals = per_voxel.reshape(per_voxel.shape[0], -1).sum(-1, keepdim=True)  # (B, 1)
     if reduction == "sum":
-        return per_voxel.sum()
-    return _mean_over(per_voxel.sum(), counts.sum())
+        return reduce_loss(totals, reduction)
+    voxels = counts.reshape(counts.shape[0], -1).sum(-1, keepdim=True)
+    return reduce_loss(per_voxel_mean(totals, voxels), reduction, voxel_counts=voxels)
 
 
 def binary_cross_entropy_term(
@@ -90,15 +82,9 @@ def binary_cross_entropy_term(
     """``torch.nn.BCEWithLogitsLoss(pos_weight=weight)`` on a single channel (what MONAI's DiceCE uses), voxels
     that do not count removed. Returns a scalar, or ``(B, 1, N)`` for ``"none"``."""
     per_voxel = F.binary_cross_entropy_with_logits(logits, encoded.dense, reduction="none", pos_weight=pos_weight)
-    if encoded.mask_weight is not None:
-        per_voxel = per_voxel * encoded.mask_weight.unsqueeze(1)
-    if reduction == "none":
-        return per_voxel
-    if reduction == "sum":
-        return per_voxel.sum()
-    if encoded.mask_weight is None:
-        return per_voxel.mean()
-    return _mean_over(per_voxel.sum(), encoded.mask_weight.sum())
+    counts = torch.ones_like(per_voxel) if encoded.mask_weight is None else encoded.mask_weight.unsqueeze(1)
+    per_voxel = per_voxel if encoded.mask_weight is None else per_voxel * counts
+    return per_voxel if reduction == "none" else finish_cross_entropy(per_voxel[:, 0], counts[:, 0], reduction)
 
 
 def _dice_weight(weight: torch.Tensor | None, include_background: bool) -> torch.Tensor | None:
@@ -109,7 +95,7 @@ def _dice_weight(weight: torch.Tensor | None, include_background: bool) -> torch
     return weight[1:] if weight.numel() > 1 else None
 
 
-class DiceCELoss(torch.nn.Module):
+class DiceCELoss(SegmentationLoss):
     """Weighted sum of the Dice loss and the cross-entropy, equal to ``monai.losses.DiceCELoss`` 1.6.1:
 
         L = lambda_dice * Dice + lambda_ce * CE
@@ -172,10 +158,7 @@ class DiceCELoss(torch.nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int | None = None,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.class_weight: torch.Tensor | None
-        self.register_buffer("class_weight", class_weight(weight))
+        super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=to_onehot_y,
@@ -191,41 +174,30 @@ class DiceCELoss(torch.nn.Module):
             weight=_dice_weight(self.class_weight, include_background),
             ignore_index=ignore_index,
         )
-        self.to_onehot_y = bool(to_onehot_y)
-        self.ignore_index = check_ignore_index(ignore_index)
         self.lambda_dice = check_range("lambda_dice", lambda_dice, 0.0)
         self.lambda_ce = check_range("lambda_ce", lambda_ce, 0.0)
         self.label_smoothing = check_probability("label_smoothing", label_smoothing)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: ``BNH[WD]`` logits, any floating dtype.
-            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
-        """
-        # for reduction="none" the per-class Dice BN'1[11] broadcasts against the per-voxel CE B1H[WD];
-        # autocast would run the Dice sums (bmm) in half precision: the loss is float32 by design
-        with torch.autocast(input.device.type, enabled=False):
-            if self._shares_log_softmax(input):
-                return self._dice_ce_from_one_log_softmax(input, target)
-            return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.cross_entropy(input, target)
-
-    def _shares_log_softmax(self, input: torch.Tensor) -> bool:
-        """Index targets with a softmax Dice: both terms can use one log-softmax (p = exp(log p)). Label
-        smoothing needs every class' log p (not fused); a compiled graph fuses the plain formulas itself."""
-        return (
-            self.to_onehot_y and self.dice.softmax and self.label_smoothing == 0 and isinstance(input, torch.Tensor)
-            and input.ndim >= 3 and input.shape[1] > 1 and not torch.compiler.is_compiling()
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
+        # for reduction="none" the per-class Dice BN'1[11] broadcasts against the per-voxel CE B1H[WD]
+        if self._shares_log_softmax(encoded):
+            return self._dice_ce_from_one_log_softmax(input, encoded)
+        return self.lambda_dice * self.dice.compute(input, encoded) + self.lambda_ce * self._cross_entropy(
+            input, encoded
         )
 
-    def _dice_ce_from_one_log_softmax(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _shares_log_softmax(self, encoded: EncodedTarget) -> bool:
+        """A softmax Dice on the fused index path: both terms can use one log-softmax (p = exp(log p)). Label
+        smoothing needs every class' log p (not fused)."""
+        return self.dice.softmax and self.label_smoothing == 0 and takes_fused_index_path(encoded, "softmax")
+
+    def _dice_ce_from_one_log_softmax(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
         """The same loss as the two terms computed apart, with one log-softmax and one fused backward."""
-        encoded = encode_target(input, target, True, self.ignore_index)
         dice = self.dice
         tp, fp, fn, log_at_target = softmax_overlap_stats_and_log_likelihood(
             input, encoded, dice.include_background, dice.batch, dice.squared_pred
         )
-        dice_term = dice.reduce(dice.per_class_loss(tp, fp, fn), input.ndim)
+        dice_term = dice.finish(dice.per_class_loss(tp, fp, fn), input.ndim)
         cross_entropy = index_cross_entropy_from_log_likelihood(
             log_at_target, encoded, self._ce_weight(input.shape[1], log_at_target), self.reduction
         )
@@ -248,25 +220,26 @@ class DiceCELoss(torch.nn.Module):
     def cross_entropy(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The CE term alone (softmax CE for N > 1 channels, BCE for one), reduced as ``reduction``."""
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+        with torch.autocast(input.device.type, enabled=False):
+            return self._cross_entropy(input, encoded)
+
+    def _cross_entropy(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
         logits = flatten_probs(input.to(compute_dtype(input.dtype)))
         num_classes = logits.shape[1]
         weight = self._ce_weight(num_classes, logits)
         if num_classes == 1:
             if self.label_smoothing > 0:
-                warnings.warn("label_smoothing is not applied to the single-channel BCE term (as MONAI).", stacklevel=2)
+                warnings.warn("label_smoothing is not applied to the single-channel BCE term (as MONAI).", stacklevel=3)
             loss = binary_cross_entropy_term(logits, encoded, weight, self.reduction)
         else:
-            labels = None if encoded.indices is None else target.reshape(target.shape[0], -1).long()
-            loss = cross_entropy_term(
-                logits, encoded, labels, weight, self.ignore_index, self.label_smoothing, self.reduction
-            )
+            loss = cross_entropy_term(logits, encoded, weight, self.label_smoothing, self.reduction)
         return loss.reshape(loss.shape[0], 1, *input.shape[2:]) if self.reduction == "none" else loss
 
 
 DiceBCELoss = DiceCELoss
 
 
-class DiceFocalLoss(torch.nn.Module):
+class DiceFocalLoss(SegmentationLoss):
     """Weighted sum of the Dice loss and the focal loss, equal to ``monai.losses.DiceFocalLoss`` 1.6.1:
 
         L = lambda_dice * Dice + lambda_focal * Focal
@@ -327,7 +300,7 @@ class DiceFocalLoss(torch.nn.Module):
         use_softmax: bool = False,
         ignore_index: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=to_onehot_y,
@@ -356,11 +329,8 @@ class DiceFocalLoss(torch.nn.Module):
         self.lambda_dice = check_range("lambda_dice", lambda_dice, 0.0)
         self.lambda_focal = check_range("lambda_focal", lambda_focal, 0.0)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: ``BNH[WD]`` logits, any floating dtype.
-            target: ``BNH[WD]`` one-hot or soft target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
-        """
-        # each term switches autocast off for its own sums, so both are float32 already
-        return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
+        # both terms end in the core's reduce_loss with the same reduction; "none" broadcasts BN'1[11] over BN'H[WD]
+        return self.lambda_dice * self.dice.compute(input, encoded) + self.lambda_focal * self.focal.compute(
+            input, encoded
+        )

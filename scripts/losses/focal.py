@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from .core import (
+    EncodedTarget,
     LossInputError,
-    check_ignore_index,
+    SegmentationLoss,
     check_probability,
     check_range,
-    check_reduction,
     class_sums,
-    class_weight,
     compute_dtype,
-    encode_target,
+    first_class,
     flatten_probs,
+    per_voxel_mean,
     safe_pow,
 )
 
@@ -128,7 +128,7 @@ def _index_focal_terms(
     return base, at_label
 
 
-class FocalLoss(torch.nn.Module):
+class FocalLoss(SegmentationLoss):
     """Focal loss per voxel and class (Lin et al. 2017), equal to ``monai.losses.FocalLoss`` 1.6.1, computed in
     float32 and without a one-hot copy of index targets.
 
@@ -185,15 +185,9 @@ class FocalLoss(torch.nn.Module):
         use_softmax: bool = False,
         ignore_index: int | None = None,
     ) -> None:
-        super().__init__()
-        self.include_background = bool(include_background)
-        self.to_onehot_y = bool(to_onehot_y)
+        super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
         self.gamma = check_range("gamma", gamma, 0.0)
-        self.reduction = check_reduction(reduction)
         self.use_softmax = bool(use_softmax)
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.class_weight: torch.Tensor | None
-        self.register_buffer("class_weight", class_weight(weight))
         self.alpha: Alpha
         if alpha is None or isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
             self.alpha = None if alpha is None else check_probability("alpha", alpha)
@@ -220,58 +214,62 @@ class FocalLoss(torch.nn.Module):
             as_image = target.unsqueeze(-1) if isinstance(target, torch.Tensor) and target.ndim == 2 else target
             loss = self.forward(input.unsqueeze(-1), as_image)
             return loss.squeeze(-1) if self.reduction == "none" else loss
-        # autocast would run the masked sums (einsum) in half precision: the loss is float32 by design
-        with torch.autocast(input.device.type, enabled=False):
-            return self._forward(input, target)
+        return super().forward(input, target)
 
-    def _forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
         logits = flatten_probs(input.to(compute_dtype(input.dtype)))
-        drop_background = not self.include_background
-        if drop_background and logits.shape[1] == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=2)
-            drop_background = False
+        first = first_class(logits.shape[1], self.include_background)
+        logits = logits[:, first:]
+        alpha = self._alpha(logits.shape[1])
+        weight = self._channel_weight(logits.shape[1], logits)
+        mask = None if encoded.mask_weight is None else encoded.mask_weight.to(logits)
+        if self.reduction == "none":
+            return self._none(self._terms(logits, encoded, first, alpha, mask, True), mask, weight, input.shape)
+        totals = self._terms(logits, encoded, first, alpha, mask, False)  # (B, C') over the voxels that count
+        totals = totals if weight is None else totals * weight
+        voxels = torch.full_like(totals[:, :1], logits.shape[-1]) if mask is None else mask.sum(-1, keepdim=True)
+        # MONAI 1.6.1's mean: over voxels x classes without a mask, over the voxels that count (not x classes) with one
+        per_voxel = per_voxel_mean(totals, voxels)
+        return self.finish(per_voxel, input.ndim, weight=None, voxel_counts=None if mask is None else voxels)
+
+    def _alpha(self, num_channels: int) -> Alpha:
         alpha = self.alpha
         if self.use_softmax and not self.include_background and isinstance(alpha, float):
-            warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=2)
+            warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=4)
             alpha = None
-        if drop_background:
-            logits = logits[:, 1:]
-        num_channels = logits.shape[1]
         if self.use_softmax and num_channels == 1:
-            warnings.warn("softmax over a single channel is constant: the focal loss is 0.", stacklevel=2)
+            warnings.warn("softmax over a single channel is constant: the focal loss is 0.", stacklevel=4)
         if isinstance(alpha, torch.Tensor) and alpha.numel() != num_channels:
             raise LossInputError(
                 f"alpha has {alpha.numel()} values but the loss has {num_channels} channels "
                 "(without the background class 0 when include_background=False)."
             )
-        weight = self._channel_weight(num_channels, logits)
-        mask = None if encoded.mask_weight is None else encoded.mask_weight.to(logits)
+        return alpha
 
+    def _terms(self, logits, encoded, first: int, alpha: Alpha, mask, elementwise: bool) -> torch.Tensor:
+        """The element-wise loss ``(B, C', N)`` (unmasked), or its per-class sums ``(B, C')`` over the voxels that
+        count."""
         if encoded.indices is not None:
             labels, labelled = encoded.indices, encoded.mask
-            if drop_background:
+            if first:
                 labelled = labels > 0 if labelled is None else labelled & (labels > 0)
                 labels = (labels - 1).clamp_min(0)
             base, at_label = _index_focal_terms(logits, labels, labelled, self.gamma, alpha, self.use_softmax)
-            if self.reduction == "none":
+            if elementwise:
                 loss = torch.zeros_like(logits) if base is None else base
-                loss = loss.scatter_add(1, labels.unsqueeze(1), at_label.unsqueeze(1))
-                return self._none(loss, mask, weight, input.shape)
-            per_class = class_sums(at_label if mask is None else at_label * mask, labels, num_channels)
-            if base is not None:
-                per_class = per_class + (base.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", base, mask))
-        else:
-            dense = encoded.dense[:, 1:] if drop_background else encoded.dense
-            if mask is not None:
-                # MONAI masks logits and target before the loss (matters only for soft masks)
-                logits, dense = logits * mask.unsqueeze(1), dense * mask.unsqueeze(1)
-            focal = softmax_focal_loss if self.use_softmax else sigmoid_focal_loss
-            loss = focal(logits, dense, self.gamma, alpha)
-            if self.reduction == "none":
-                return self._none(loss, mask, weight, input.shape)
-            per_class = loss.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", loss, mask)
-        return self._reduce(per_class, mask, weight, logits.shape[-1])
+                return loss.scatter_add(1, labels.unsqueeze(1), at_label.unsqueeze(1))
+            totals = class_sums(at_label if mask is None else at_label * mask, labels, logits.shape[1])
+            if base is None:
+                return totals
+            return totals + (base.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", base, mask))
+        dense = encoded.dense[:, first:]
+        if mask is not None:
+            # MONAI masks logits and target before the loss (matters only for soft masks)
+            logits, dense = logits * mask.unsqueeze(1), dense * mask.unsqueeze(1)
+        loss = (softmax_focal_loss if self.use_softmax else sigmoid_focal_loss)(logits, dense, self.gamma, alpha)
+        if elementwise:
+            return loss
+        return loss.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", loss, mask)
 
     def _channel_weight(self, num_channels: int, like: torch.Tensor) -> torch.Tensor | None:
         """The class weight as ``(C',)`` or a scalar; MONAI refuses a per-class weight for a single channel."""
@@ -293,17 +291,3 @@ class FocalLoss(torch.nn.Module):
         if weight is not None:
             loss = loss * (weight if weight.ndim == 0 else weight.view(1, -1, 1))
         return loss.reshape(loss.shape[0], loss.shape[1], *shape[2:])
-
-    def _reduce(
-        self, per_class: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor | None, num_voxels: int
-    ) -> torch.Tensor:
-        """Reduce the per-image, per-class spatial sums ``(B, C')`` as MONAI 1.6.1's FocalLoss."""
-        if weight is not None:
-            per_class = per_class * weight
-        eps = torch.finfo(torch.float32).eps
-        if self.reduction == "mean":
-            if mask is None:
-                return per_class.sum() / per_class.numel() / num_voxels
-            return per_class.sum() / mask.sum().clamp_min(eps)
-        counted = num_voxels if mask is None else mask.sum(-1, keepdim=True).clamp_min(eps)
-        return (per_class / counted).sum()

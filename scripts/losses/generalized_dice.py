@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import LossInputError, RegionLoss, apply_class_weight, reduce_loss
+from .core import LossInputError, RegionLoss, apply_class_weight
 
 W_TYPES = ("square", "simple", "uniform")
 
@@ -115,6 +115,6 @@ class GeneralizedDiceLoss(RegionLoss):
         """The loss of each image (one column: the classes are pooled in the ratio, weighted there)."""
         return generalized_dice_loss(tp, fp, fn, self.w_type, self.smooth_nr, self.smooth_dr, self.class_weight)
 
-    def reduce(self, per_class: torch.Tensor, input_ndim: int) -> torch.Tensor:
+    def finish(self, per_class: torch.Tensor, input_ndim: int, **options) -> torch.Tensor:
         # the class weight is already inside the ratio
-        return reduce_loss(per_class, self.reduction, None, input_ndim - 2)
+        return super().finish(per_class, input_ndim, weight=None, **options)

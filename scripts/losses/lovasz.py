@@ -14,7 +14,6 @@ is 0, and a hinge error <= 0 adds nothing), never an ignored one; rows of differ
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,13 +21,10 @@ import torch
 from .core import (
     EncodedTarget,
     LossInputError,
+    SegmentationLoss,
     activate,
-    apply_class_weight,
     check_activation,
-    check_ignore_index,
-    check_reduction,
-    class_weight,
-    encode_target,
+    first_class,
     flatten_probs,
 )
 
@@ -228,12 +224,7 @@ def _problems(
     The foreground of an index target stays bool (a quarter of a float one-hot).
     """
     scores = flatten_probs(scores)
-    first = 0
-    if not include_background:
-        if scores.shape[1] == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
-        else:
-            first = 1
+    first = first_class(scores.shape[1], include_background)
     valid = None if encoded.mask is None else encoded.mask.unsqueeze(1)
     if encoded.indices is not None:
         classes = torch.arange(first, encoded.num_classes, device=scores.device).view(1, -1, 1)
@@ -245,24 +236,12 @@ def _problems(
     return scores[:, first:], fg, valid
 
 
-def _reduce_table(
-    table: torch.Tensor, counted: torch.Tensor, reduction: str, weight: torch.Tensor | None, spatial_dims: int
-) -> torch.Tensor:
-    """Weight the ``(G, C')`` losses, keep the counted ones, then reduce.
+class _LovaszLoss(SegmentationLoss):
+    """MONAI switches shared by both Lovasz losses; a subclass defines ``_table``. With ``reduction="none"`` the
+    weighted loss of each image and class, ``BN1[11]`` (``1N1[11]`` with ``per_image=False``), 0 where a class is
+    not counted; ``"mean"`` averages the counted classes of each image (or pooled problem), then the images."""
 
-    ``"mean"`` averages the counted classes of each group (a group with none gives 0) and then the groups,
-    as Berman's ``per_image`` mean; ``"none"`` returns ``(G, C', 1, ...)`` with 0 for uncounted entries.
-    """
-    weighted = apply_class_weight(table, weight) * counted  # a product, not a mask: NaN stays visible
-    if reduction == "sum":
-        return weighted.sum()
-    if reduction == "mean":
-        return (weighted.sum(1) / counted.sum(1).clamp_min(1)).mean()
-    return weighted.reshape(*weighted.shape, *([1] * spatial_dims))
-
-
-class _LovaszLoss(torch.nn.Module):
-    """MONAI switches shared by both Lovasz losses; a subclass defines ``_table``."""
+    none_keeps_spatial_axes = True
 
     def __init__(
         self,
@@ -273,31 +252,15 @@ class _LovaszLoss(torch.nn.Module):
         weight: Sequence[float] | float | torch.Tensor | None,
         ignore_index: int | None,
     ) -> None:
-        super().__init__()
-        self.include_background = bool(include_background)
-        self.to_onehot_y = bool(to_onehot_y)
+        super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
         self.per_image = bool(per_image)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.class_weight: torch.Tensor | None
-        self.register_buffer("class_weight", class_weight(weight))
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: ``BNH[WD]`` logits (N classes), any floating dtype; computed in float32 (float64 kept).
-            target: ``BNH[WD]`` one-hot (or soft) target, or ``B1H[WD]`` class indices with ``to_onehot_y``.
-
-        Returns:
-            a scalar for ``"mean"``/``"sum"``; for ``"none"`` the weighted loss of each image and class
-            ``BN1[11]`` (``1N1[11]`` with ``per_image=False``), 0 where a class is not counted.
-        """
-        encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
         table, counted = self._table(input, encoded)
-        return _reduce_table(table, counted.to(table.dtype), self.reduction, self.class_weight, input.ndim - 2)
+        return self.finish(table, input.ndim, counted=counted.to(table.dtype))
 
 
 class LovaszHingeLoss(_LovaszLoss):
