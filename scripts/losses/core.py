@@ -16,6 +16,8 @@ conventions (shapes, ``ignore_index``, ``weight``, dtype) are defined once:
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -88,12 +90,36 @@ def check_activation(sigmoid: bool, softmax: bool, other_act: Callable | None) -
 
 
 def check_ignore_index(ignore_index: int | None) -> int | None:
-    """``ignore_index`` is ``None`` or an integer (class index or sentinel such as 255 or -100)."""
+    """``ignore_index`` is ``None`` or an integer (class index or sentinel such as 255 or -100); a string of digits,
+    as a command line gives it, counts."""
     if ignore_index is None:
         return None
-    if isinstance(ignore_index, bool) or int(ignore_index) != ignore_index:
+    try:
+        number = int(ignore_index)
+        valid = not isinstance(ignore_index, bool) and number == (
+            int(ignore_index.strip()) if isinstance(ignore_index, str) else ignore_index
+        )
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
         raise LossInputError(f"ignore_index must be None or an integer, got {ignore_index!r}.")
-    return int(ignore_index)
+    return number
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def check_flag(name: str, value) -> bool:
+    """A boolean switch given as a bool, 0 / 1, or as a command line gives it (``"true"``, ``"false"``, ``"yes"``,
+    ``"no"``, ``"1"``, ``"0"``, any case). Anything else is an error naming the switch: ``bool("false")`` is True,
+    so ``--loss#softmax false`` would otherwise turn the softmax on."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise LossInputError(f"{name} must be true or false, got {value!r}.")
 
 
 def class_weight(weight: Sequence[float] | float | torch.Tensor | None) -> torch.Tensor | None:
@@ -130,6 +156,8 @@ def check_input(input: torch.Tensor) -> None:
         raise LossInputError(f"input must have shape BNH[WD] (at least 3 dims), got shape {tuple(input.shape)}.")
     if not input.is_floating_point():
         raise LossInputError(f"input must be floating point logits or probabilities, got dtype {input.dtype}.")
+    if input.shape[0] == 0:
+        raise LossInputError(f"input has an empty batch (shape {tuple(input.shape)}): there is no image to score.")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,7 +257,22 @@ def encode_target(
         return _encode_indices(target.reshape(batch, -1), num_classes, ignore_index)
     dense = target.reshape(batch, num_classes, -1).to(compute_dtype(input.dtype))
     mask, mask_weight = _dense_ignore_mask(dense, ignore_index)
+    if not _is_compiling():
+        _check_dense_values(dense, mask if num_classes == 1 else None)
     return EncodedTarget(None, dense, mask, mask_weight, num_classes)
+
+
+def _check_dense_values(dense: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """A one-hot or soft target holds values in [0, 1] (a single channel's ignored voxels may hold the sentinel)."""
+    values = dense if mask is None else dense[:, 0][mask]
+    if values.numel() == 0:
+        return
+    low, high = torch.aminmax(values)
+    if not bool((low >= 0) & (high <= 1)):  # NaN fails both
+        raise LossInputError(
+            f"one-hot / soft target must hold values in [0, 1], got values from {low.item():g} to {high.item():g} "
+            "(class-index targets need to_onehot_y=True)."
+        )
 
 
 def _encode_indices(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> EncodedTarget:
@@ -696,6 +739,13 @@ def safe_pow(base: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.where(positive, powered, base * 0)  # base * 0 keeps NaN (non-finite logits stay visible)
 
 
+def _preset_path(loss_class: type) -> str:
+    """``configs/losses/<registry name>.json`` of a loss class (the package's registry, read when needed)."""
+    registry = importlib.import_module(__package__).LOSSES
+    names = [name for name, registered in registry.items() if registered is loss_class]
+    return f"configs/losses/{names[0]}.json" if names else "the presets in configs/losses/"
+
+
 class SegmentationLoss(torch.nn.Module):
     """Base of every loss in this package: MONAI's common switches, the class-weight buffer, the forward that
     encodes the target and computes in float32 with autocast off, and the one finishing step (``reduce_loss``).
@@ -713,6 +763,18 @@ class SegmentationLoss(torch.nn.Module):
     #: with ``reduction="none"``: MONAI's DiceLoss appends singleton spatial axes, its TverskyLoss does not
     none_keeps_spatial_axes = False
 
+    def __new__(cls, *args, **kwargs):
+        # before __init__, so that a swapped config (--loss#_target_ ... with the old loss' arguments) gets one
+        # message naming what this loss takes, not Python's "unexpected keyword argument"
+        accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise LossTypeError(
+                f"{cls.__name__} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}. "
+                f"A working configuration: {_preset_path(cls)}."
+            )
+        return super().__new__(cls)
+
     def __init__(
         self,
         include_background: bool = True,
@@ -722,8 +784,8 @@ class SegmentationLoss(torch.nn.Module):
         ignore_index: int | None = None,
     ) -> None:
         super().__init__()
-        self.include_background = bool(include_background)
-        self.to_onehot_y = bool(to_onehot_y)
+        self.include_background = check_flag("include_background", include_background)
+        self.to_onehot_y = check_flag("to_onehot_y", to_onehot_y)
         self.reduction = check_reduction(reduction)
         self.ignore_index = check_ignore_index(ignore_index)
         self.class_weight: torch.Tensor | None
@@ -790,15 +852,15 @@ class RegionLoss(SegmentationLoss):
         squared_pred: bool = False,
     ) -> None:
         super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
-        check_activation(sigmoid, softmax, other_act)
-        self.sigmoid = bool(sigmoid)
-        self.softmax = bool(softmax)
+        self.sigmoid = check_flag("sigmoid", sigmoid)
+        self.softmax = check_flag("softmax", softmax)
+        check_activation(self.sigmoid, self.softmax, other_act)
         self.other_act = other_act
         self.smooth_nr = check_range("smooth_nr", smooth_nr, 0.0)
         self.smooth_dr = check_range("smooth_dr", smooth_dr, 0.0)
-        self.batch = bool(batch)
-        self.soft_label = bool(soft_label)
-        self.squared_pred = bool(squared_pred)
+        self.batch = check_flag("batch", batch)
+        self.soft_label = check_flag("soft_label", soft_label)
+        self.squared_pred = check_flag("squared_pred", squared_pred)
 
     def per_class_loss(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import RegionLoss
+from .core import RegionLoss, check_flag
 
 
 def dice_loss(
@@ -111,7 +111,7 @@ class DiceLoss(RegionLoss):
             ignore_index=ignore_index,
             squared_pred=squared_pred,
         )
-        self.jaccard = bool(jaccard)
+        self.jaccard = check_flag("jaccard", jaccard)
 
     def per_class_loss(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
         return dice_loss(tp, fp, fn, self.jaccard, self.smooth_nr, self.smooth_dr)

@@ -17,6 +17,7 @@ from .core import (
     EncodedTarget,
     LossInputError,
     SegmentationLoss,
+    check_flag,
     check_probability,
     check_range,
     class_sums,
@@ -187,7 +188,7 @@ class FocalLoss(SegmentationLoss):
     ) -> None:
         super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
         self.gamma = check_range("gamma", gamma, 0.0)
-        self.use_softmax = bool(use_softmax)
+        self.use_softmax = check_flag("use_softmax", use_softmax)
         self.alpha: Alpha
         if alpha is None or isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
             self.alpha = None if alpha is None else check_probability("alpha", alpha)

@@ -24,6 +24,7 @@ from .core import (
     SegmentationLoss,
     activate,
     check_activation,
+    check_flag,
     first_class,
     flatten_probs,
 )
@@ -253,7 +254,7 @@ class _LovaszLoss(SegmentationLoss):
         ignore_index: int | None,
     ) -> None:
         super().__init__(include_background, to_onehot_y, reduction, weight, ignore_index)
-        self.per_image = bool(per_image)
+        self.per_image = check_flag("per_image", per_image)
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -350,10 +351,10 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         ignore_index: int | None = None,
     ) -> None:
         super().__init__(include_background, to_onehot_y, per_image, reduction, weight, ignore_index)
-        check_activation(False, softmax, other_act)
+        self.softmax = check_flag("softmax", softmax)
+        check_activation(False, self.softmax, other_act)
         if classes not in CLASS_SELECTIONS:
             raise LossInputError(f"classes must be one of {CLASS_SELECTIONS}, got {classes!r}.")
-        self.softmax = bool(softmax)
         self.other_act = other_act
         self.classes = classes
 

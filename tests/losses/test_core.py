@@ -319,3 +319,82 @@ def test_fused_path_supports_a_second_backward_through_the_graph(activation):
     (first,) = torch.autograd.grad(total, logits, retain_graph=True)
     (second,) = torch.autograd.grad(total, logits)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# input as a user types it (issue 11): command-line strings, a swapped loss, empty batches, bad one-hot values
+
+
+@pytest.mark.parametrize("typed, expected", [("false", False), ("False", False), ("0", False), ("no", False),
+                                             ("true", True), ("TRUE", True), ("1", True), ("yes", True), (0, False)])
+def test_switches_read_what_a_command_line_gives(typed, expected):
+    from scripts.losses import DiceLoss, FocalLoss, LovaszSoftmaxLoss
+
+    assert DiceLoss(softmax=typed, to_onehot_y=typed, batch=typed).softmax is expected
+    assert FocalLoss(use_softmax=typed).use_softmax is expected
+    assert LovaszSoftmaxLoss(per_image=typed).per_image is expected
+
+
+@pytest.mark.parametrize("typed", ["maybe", "", 2, 0.5, None])
+def test_a_switch_that_is_not_a_boolean_is_named(typed):
+    from scripts.losses import DiceLoss
+
+    with pytest.raises(LossInputError, match=r"softmax must be true or false, got"):
+        DiceLoss(softmax=typed)
+
+
+def test_ignore_index_typed_as_text():
+    from scripts.losses import DiceLoss
+
+    assert DiceLoss(ignore_index="255").ignore_index == 255
+    for typed in ("abc", "2.5", 2.5, True):
+        with pytest.raises(LossInputError, match="ignore_index must be None or an integer"):
+            DiceLoss(ignore_index=typed)
+
+
+def test_an_argument_the_loss_does_not_take_lists_what_it_takes_and_its_preset():
+    """The README's swap, --loss#_target_ scripts.losses.FocalLoss, keeps train.json's softmax=true."""
+    from monai.bundle import ConfigParser
+
+    from scripts.losses import DiceLoss, FocalLoss
+
+    config = {"loss": {"_target_": "scripts.losses.FocalLoss", "to_onehot_y": True, "softmax": True}}
+    with pytest.raises(Exception) as raised:
+        ConfigParser(config).get_parsed_content("loss")
+    error = raised.value.__cause__ or raised.value
+    assert isinstance(error, TypeError) and isinstance(error, LossInputError)
+    message = str(error)
+    assert message.startswith("FocalLoss does not take softmax; it takes include_background, to_onehot_y, gamma")
+    assert "use_softmax" in message and message.endswith("A working configuration: configs/losses/focal.json.")
+    with pytest.raises(LossInputError, match="DiceLoss does not take gamma, use_softmax; it takes"):
+        DiceLoss(gamma=2, use_softmax=True)
+    assert isinstance(FocalLoss(gamma=1.0), FocalLoss)
+
+
+def test_an_empty_batch_is_named():
+    from scripts.losses import DiceLoss, FocalLoss
+
+    for loss in (DiceLoss(to_onehot_y=True, softmax=True), FocalLoss(to_onehot_y=True)):
+        with pytest.raises(LossInputError, match=r"empty batch \(shape \(0, 3, 4, 4\)\)"):
+            loss(torch.zeros(0, 3, 4, 4), torch.zeros(0, 1, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")])
+def test_a_one_hot_target_outside_0_1_is_refused(bad):
+    from scripts.losses import DiceLoss
+
+    logits, labels = labels_and_logits(dtype=torch.float32)
+    target = onehot(labels, 3, torch.float32)
+    target[0, 1, 0, 0] = bad
+    with pytest.raises(LossInputError, match=r"values in \[0, 1\], got values from .* \(class-index targets need"):
+        DiceLoss(softmax=True)(logits, target)
+
+
+def test_a_single_channel_target_may_hold_its_ignore_sentinel():
+    from scripts.losses import DiceLoss
+
+    target = torch.tensor([[[[0.0, 1.0, 255.0, 1.0]]]])
+    loss = DiceLoss(sigmoid=True, ignore_index=255)(torch.zeros(1, 1, 1, 4), target)
+    assert torch.isfinite(loss)
+    with pytest.raises(LossInputError, match="values in"):
+        DiceLoss(sigmoid=True)(torch.zeros(1, 1, 1, 4), target)

@@ -14,6 +14,7 @@ import torch
 from monai.bundle import ConfigParser
 
 import scripts.losses as losses
+from scripts.losses import core
 from scripts.losses import LOSSES, LossInputError, get_loss
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +133,8 @@ def test_registry_is_every_loss_class_the_package_exports():
     exported = [getattr(losses, name) for name in losses.__all__]
     loss_classes = {cls for cls in exported if isinstance(cls, type) and issubclass(cls, torch.nn.Module)}
     assert loss_classes == set(LOSSES.values())
+    # and every one derives from the core's base, so it ends in the one finishing step
+    assert all(issubclass(cls, core.SegmentationLoss) for cls in loss_classes)
 
 
 def test_a_missing_family_module_is_an_import_error():
