@@ -361,7 +361,18 @@ class LovaszSoftmaxLoss(_LovaszLoss):
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         probs = activate(input, softmax=self.softmax, other_act=self.other_act)
         probs, fg, valid = _problems(probs, encoded, self.include_background)
-        table = lovasz_softmax(probs, fg, valid, self.per_image)
         if self.classes == "all":
+            table = lovasz_softmax(probs, fg, valid, self.per_image)
             return table, torch.ones_like(table, dtype=torch.bool)
-        return table, _problem_sum(fg, self.per_image) > 0
+        counted = _problem_sum(fg, self.per_image) > 0
+        present = counted.any(0)
+        if bool(present.all()):
+            return lovasz_softmax(probs, fg, valid, self.per_image), counted
+        # a class absent from every problem counts nowhere: no sort for it (most organs are absent from a patch);
+        # the empty sum keeps the zeros in the graph, so a batch with nothing present has a zero gradient
+        zeros = _problem_sum(probs[..., :0], self.per_image)
+        kept = present.nonzero().squeeze(1)
+        if kept.numel() == 0:
+            return zeros, counted
+        table = lovasz_softmax(probs.index_select(1, kept), fg.index_select(1, kept), valid, self.per_image)
+        return zeros.index_copy(1, kept, table), counted

@@ -196,6 +196,19 @@ def test_hinge_matches_reference(dims, per_image, to_onehot_y, ignore, include_b
     torch.testing.assert_close(grad, expected_grad, **TOL)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_classes_absent_from_every_image_are_skipped_exactly(reduction, per_image):
+    """classes="present" sorts only the classes present somewhere in the batch; the others give 0 as before."""
+    logits, target, ignore_index = make_batch((4, 3, 5), 5, 2, True, "sentinel", seed=12)
+    target = target.where((target != 2) & (target != 4), 0)  # classes 2 and 4 nowhere in the batch
+    kwargs = dict(per_image=per_image, reduction=reduction, ignore_index=ignore_index, weight=[1.0, 2, 3, 4, 5])
+    value, grad = value_and_grad(lambda x: LovaszSoftmaxLoss(to_onehot_y=True, **kwargs)(x, target), logits)
+    expected, expected_grad = value_and_grad(lambda x: reference("softmax", x, target, True, **kwargs), logits)
+    torch.testing.assert_close(value, expected, **TOL)
+    torch.testing.assert_close(grad, expected_grad, **TOL)
+
+
 @pytest.mark.parametrize("kind", ["softmax", "hinge"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("per_image", [True, False])
