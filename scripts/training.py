@@ -3,6 +3,7 @@ loss, resuming from the newest epoch checkpoint, and an up-front check of the co
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -27,60 +28,184 @@ class NonFiniteLossError(BundleError, RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
-    """The epoch checkpoint with the highest epoch in ``checkpoint_dir``, or ``None`` when there is none."""
-    found = list(Path(checkpoint_dir).glob(EPOCH_CHECKPOINT_GLOB))
-    if not found:
+class ResumeError(BundleError, ValueError):
+    """``--resume true`` cannot continue: no checkpoint of this run, or settings a checkpoint cannot take."""
+
+
+def _epoch_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("=")[-1])
+    except ValueError:
+        return -1
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike, since: float | None = None) -> str | None:
+    """The most recently written epoch checkpoint in ``checkpoint_dir`` (the highest epoch among equally recent
+    ones), only among those written at or after the time ``since`` when given; ``None`` when there is none."""
+    found = [p for p in Path(checkpoint_dir).glob(EPOCH_CHECKPOINT_GLOB) if since is None or p.stat().st_mtime >= since]
+    return str(max(found, key=lambda p: (p.stat().st_mtime_ns, _epoch_of(p)))) if found else None
+
+
+def describe_run(definition: dict) -> dict:
+    """``definition`` (the config values that make a run that run) as JSON-able values: objects such as the
+    network become their type and a digest of their ``repr``, which lists every layer and its size."""
+
+    def plain(value):
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return f"{type(value).__name__} {hashlib.sha256(repr(value).encode()).hexdigest()[:12]}"
+
+    return {key: plain(value) for key, value in sorted(definition.items())}
+
+
+def _read_run(path: Path) -> dict | None:
+    try:
+        run = torch.load(path, map_location="cpu", weights_only=True).get("run")
+    except Exception:  # noqa: BLE001 - an unreadable or foreign file is a checkpoint of no run of ours
         return None
-
-    def epoch(path: Path) -> int:
-        try:
-            return int(path.stem.split("=")[-1])
-        except ValueError:
-            return -1
-
-    return str(max(found, key=epoch))
+    return run if isinstance(run, dict) and "definition" in run else None
 
 
-def resume_checkpoint(checkpoint_dir: str | os.PathLike) -> str:
-    """:func:`latest_checkpoint`, raising a ``ValueError`` that names the folder when there is none."""
-    path = latest_checkpoint(checkpoint_dir)
-    if path is None:
-        raise ValueError(f"resume=true but {checkpoint_dir} holds no {EPOCH_CHECKPOINT_GLOB}; "
-                         f"train without --resume first (a checkpoint is written after every epoch).")  # fmt: skip
-    return path
+def _mismatch(run: dict | None, definition: dict) -> str:
+    if run is None:
+        return "unreadable, or written before checkpoints recorded their run"
+    keys = sorted(k for k in set(definition) | set(run["definition"]) if run["definition"].get(k) != definition.get(k))
+    return "differs in " + ", ".join(f"{k} ({run['definition'].get(k)!r} there, {definition.get(k)!r} now)" for k in keys)
+
+
+def find_resume_checkpoint(checkpoint_dir: str | os.PathLike, definition: dict, epochs: int | None = None) -> str:
+    """The newest epoch checkpoint in ``checkpoint_dir`` of a run defined as ``definition`` (see
+    :func:`describe_run`); the most recently written one when several runs share the definition.
+
+    Raises:
+        ResumeError: naming the folder when it holds no checkpoint, else listing each one found and why it does
+            not fit; or when the run's checkpoint has trained ``epochs`` epochs already.
+    """
+    definition = describe_run(definition)
+    found = sorted(Path(checkpoint_dir).glob(EPOCH_CHECKPOINT_GLOB), key=lambda p: (p.stat().st_mtime_ns, _epoch_of(p)))
+    if not found:
+        raise ResumeError(f"resume=true but {checkpoint_dir} holds no {EPOCH_CHECKPOINT_GLOB}; "
+                          f"train without --resume first (a checkpoint is written after every epoch).")  # fmt: skip
+    runs = {path: _read_run(path) for path in found}
+    fitting = [path for path, run in runs.items() if run is not None and run["definition"] == definition]
+    if fitting:
+        path, done = fitting[-1], runs[fitting[-1]]["epoch"]
+        if epochs is not None and epochs <= done:
+            raise ResumeError(f"{path} ends epoch {done} of this run, so --epochs {epochs} leaves nothing to "
+                              f"train; resume with --epochs above {done}.")  # fmt: skip
+        return str(path)
+    listed = [f"{path.name}: {_mismatch(run, definition)}" for path, run in list(runs.items())[-5:]]
+    raise ResumeError("\n".join(listed) + f"\nresume=true but none of the {len(found)} checkpoint(s) in {checkpoint_dir} "
+                      f"belongs to a run of this config (above: what differs); train without --resume to start a "
+                      f"new run, or resume with that run's settings.")  # fmt: skip
 
 
 class EpochCheckpoints:
-    """Ignite handler: save ``objects`` plus the trainer after every epoch and, with ``resume``, load the newest.
+    """Ignite handler: save ``objects`` plus the trainer after every epoch, keep the last ``keep_last`` of this
+    run, and with ``resume_from`` continue that checkpoint's run.
 
-    The trainer itself is added at ``attach`` time, which a config cannot do without a circular reference.
-    Only the newest epoch checkpoint is kept (``checkpoint_epoch=<N>.pt``), so an interrupted run loses at
-    most its current epoch. Under ``torch.distributed`` every rank resumes and only rank 0 writes.
+    Each checkpoint records its run: an id (start time and a random suffix, kept by a resumed run) and
+    ``run_definition`` (:func:`describe_run`), so :func:`find_resume_checkpoint` picks a checkpoint of this
+    config's run and never one left by another. On resume the trainer continues at the checkpoint's epoch with
+    the configured ``epochs`` and learning rate: when they differ from the checkpoint's, the learning-rate
+    schedule is recomputed for them at the current epoch (a scheduler without a closed form is refused), and the
+    log says what changed. The trainer itself is added at ``attach`` time, which a config cannot do without a
+    circular reference. Under ``torch.distributed`` every rank resumes and only rank 0 writes.
 
     Args:
-        checkpoint_dir: folder of the epoch checkpoints.
-        objects: what to save besides the trainer, e.g. ``{"model": ..., "optimizer": ..., "lr_scheduler": ...}``.
-        resume: load the newest checkpoint in ``checkpoint_dir`` before training starts (default False);
-            a ``ValueError`` names the folder when it holds none.
+        checkpoint_dir: folder of the epoch checkpoints (``checkpoint_epoch=<N>.pt``).
+        objects: what to save besides the trainer, e.g. ``{"model": ..., "optimizer": ..., "lr_scheduler": ...}``
+            (anything with ``state_dict``/``load_state_dict``; ``BestModelSaver`` keeps the best metric this way).
+        run_definition: the config values that make the run that run (dataset, network, loss, ...).
+        resume_from: the checkpoint to continue (:func:`find_resume_checkpoint`), or None to start a new run.
+        keep_last: how many of this run's newest epoch checkpoints to keep (default 2).
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, objects: dict, resume: bool = False) -> None:
-        self.checkpoint_dir = str(checkpoint_dir)
+    def __init__(self, checkpoint_dir: str | os.PathLike, objects: dict, run_definition: dict | None = None,
+                 resume_from: str | None = None, keep_last: int = 2) -> None:  # fmt: skip
+        self.checkpoint_dir = Path(checkpoint_dir)
         self.objects = dict(objects)
-        self.resume = resume
+        self.definition = describe_run(run_definition or {})
+        self.resume_from = resume_from
+        self.keep_last = keep_last
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+        self.written: list[Path] = []
+        self.configured: dict = {}
 
     def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointLoader, CheckpointSaver
-
-        save_dict = {**self.objects, "trainer": engine}
-        if self.resume:
-            path = resume_checkpoint(self.checkpoint_dir)
-            CheckpointLoader(load_path=path, load_dict=save_dict, map_location="cpu").attach(engine)
-            print(f"resuming from {path}", flush=True)
-        # every rank loads (above), only rank 0 writes: under DDP all ranks hold the same weights
+        self.configured = self._configured(engine)  # before a checkpoint replaces them
+        if self.resume_from:
+            engine.add_event_handler(Events.STARTED, self._load)
+        # every rank loads, only rank 0 writes: under DDP all ranks hold the same weights
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            CheckpointSaver(self.checkpoint_dir, save_dict, save_interval=1, epoch_level=True, n_saved=1).attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _configured(self, engine: Engine) -> dict:
+        optimizer, scheduler = self.objects.get("optimizer"), self.objects.get("lr_scheduler")
+        return {"epochs": engine.state.max_epochs,
+                "learning_rates": [group["lr"] for group in optimizer.param_groups] if optimizer else [],
+                "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler else None}  # fmt: skip
+
+    def _save(self, engine: Engine) -> None:
+        checkpoint = {name: obj.state_dict() for name, obj in self.objects.items()}
+        checkpoint["trainer"] = engine.state_dict()
+        checkpoint["run"] = {"id": self.run_id, "definition": self.definition, "epoch": engine.state.epoch,
+                             "epochs": engine.state.max_epochs, "learning_rates": self.configured["learning_rates"]}  # fmt: skip
+        path = self.checkpoint_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)  # a kill mid-write leaves the previous checkpoints whole
+        self.written = [p for p in self.written if p != path] + [path]
+        for old in self.written[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        self.written = self.written[-self.keep_last :]
+
+    def _load(self, engine: Engine) -> None:
+        checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(checkpoint[name])
+        engine.load_state_dict(checkpoint["trainer"])
+        run = checkpoint["run"]
+        self.run_id = run["id"]
+        self.written = sorted((p for p in self.checkpoint_dir.glob(EPOCH_CHECKPOINT_GLOB)
+                               if (_read_run(p) or {}).get("id") == self.run_id), key=_epoch_of)  # fmt: skip
+        self._apply_configured(engine, run)
+        logging.getLogger(__name__).info(f"resuming run {self.run_id} from {self.resume_from} at epoch {engine.state.epoch}")
+
+    def _apply_configured(self, engine: Engine, run: dict) -> None:
+        epochs, rates = self.configured["epochs"], self.configured["learning_rates"]
+        if epochs <= engine.state.epoch:
+            raise ResumeError(f"{self.resume_from} ends epoch {engine.state.epoch}, so --epochs {epochs} leaves "
+                              f"nothing to train; resume with --epochs above {engine.state.epoch}.")  # fmt: skip
+        engine.state.max_epochs = epochs
+        changes = [f"epochs {epochs} (checkpoint: {run['epochs']})"] if run["epochs"] != epochs else []
+        if run["learning_rates"] != rates:
+            changes.append(f"learning_rate {rates[0]:g} (checkpoint: {run['learning_rates'][0]:g})")
+        if changes:
+            self._reschedule(engine.state.epoch)
+            logging.getLogger(__name__).warning("resume: this command's " + ", ".join(changes) + " take effect")
+
+    def _reschedule(self, epoch: int) -> None:
+        """Set the configured learning rates and schedule length at the loaded epoch."""
+        optimizer, scheduler = self.objects.get("optimizer"), self.objects.get("lr_scheduler")
+        rates = self.configured["learning_rates"]
+        if scheduler is not None:
+            if not hasattr(scheduler, "_get_closed_form_lr"):
+                raise ResumeError(f"--learning_rate/--epochs differ from {self.resume_from}'s, and the scheduler "
+                                  f"{type(scheduler).__name__} has no closed form to move to them mid-run; resume "
+                                  f"with that run's learning_rate and epochs, or train without --resume.")  # fmt: skip
+            loaded = scheduler.state_dict()
+            scheduler.load_state_dict({**self.configured["scheduler"], "last_epoch": loaded["last_epoch"],
+                                       "_step_count": loaded["_step_count"]})  # fmt: skip
+            rates = scheduler._get_closed_form_lr()
+            scheduler._last_lr = list(rates)
+        for group, base, rate in zip(optimizer.param_groups, self.configured["learning_rates"], rates):
+            group["lr"], group["initial_lr"] = rate, base
 
 
 class DivergingLossError(BundleError, RuntimeError):
@@ -112,6 +237,9 @@ class StopOnNonFiniteLoss:
         self.loss_key = loss_key
         self.divergence_factor = divergence_factor
         self.first_loss: float | None = None
+        # checkpoints older than this run are another run's; the second of slack is for file systems whose
+        # modification times are coarser than time.time()
+        self.since = time.time() - 1.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -124,7 +252,7 @@ class StopOnNonFiniteLoss:
         return float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def _last_checkpoint(self, advice: str) -> str:
-        last = latest_checkpoint(self.checkpoint_dir)
+        last = latest_checkpoint(self.checkpoint_dir, since=self.since)
         if last is None:
             return "Last good checkpoint: none yet (no epoch finished)."
         return f"Last good checkpoint: {last}. {advice}"

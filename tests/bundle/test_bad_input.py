@@ -78,8 +78,8 @@ def test_train_json_reads_typed_strings(phantom, tmp_path):
     assert trainer.state.max_epochs == 3 and trainer.amp is False
     assert workflow.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 1e-3
     assert workflow.parser.get_parsed_content("train#dataloader").batch_size == 1
-    checkpoints = [h for h in workflow.parser.get_parsed_content("train#handlers") if hasattr(h, "resume")]
-    assert [h.resume for h in checkpoints] == [False]
+    checkpoints = [h for h in workflow.parser.get_parsed_content("train#handlers") if hasattr(h, "resume_from")]
+    assert [h.resume_from for h in checkpoints] == [None]  # 'false' did not resume
 
 
 def test_generate_phantom_false_with_missing_dir(bundle, tmp_path):
@@ -224,3 +224,80 @@ def test_training_keeps_the_shipped_model_aside(bundle, phantom):
     assert digest(bundle / "models" / "model.pt") != shipped  # the new best model where MONAI Label looks for it
     notes = [line for line in lines if "was not written by this run: kept it as" in line]
     assert len(notes) == 1 and str(kept[0].relative_to(bundle)) in notes[0]
+
+
+# --- 5. resume that means what it says ---------------------------------------------------------------------------
+
+
+def _checkpoint(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_kill_9_mid_run_then_resume(bundle, phantom):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    checkpoints = bundle / "eval" / "checkpoints"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/tiny.json']",
+               "--dataset_dir", str(phantom), "--epochs", "4", "--val_interval", "1"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not (checkpoints / "checkpoint_epoch=2.pt").exists() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.wait()
+    written = sorted(checkpoints.glob("checkpoint_epoch=*.pt"))
+    assert run.returncode == -signal.SIGKILL and written, "the run ended before its second epoch checkpoint"
+    last = max(written, key=lambda p: int(p.stem.split("=")[1]))
+    epoch = int(last.stem.split("=")[1])
+    assert epoch in (2, 3)  # killed mid-run: the kill came after epoch 2's checkpoint, not after the last epoch
+    before = _checkpoint(last)
+    best_before = before["best_model"]
+    model_before = digest(bundle / "models" / "model.pt")
+
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "4", "--val_interval", "1",
+                             "--resume", "true")  # fmt: skip
+    assert code == 0, "\n".join(lines[-30:])
+    assert any(f"resuming run {before['run']['id']} from eval/checkpoints/checkpoint_epoch={epoch}.pt at epoch {epoch}"
+               in line for line in lines), "\n".join(lines)  # fmt: skip
+    assert any("Epoch[4] Complete" in line for line in lines) and not any(f"Epoch[{epoch}] Complete" in line for line in lines)
+    after = _checkpoint(checkpoints / "checkpoint_epoch=4.pt")
+    assert after["run"]["id"] == before["run"]["id"] and after["run"]["epoch"] == 4
+    # the best metric survived the resume: it only rose, and the best epoch moved only if it did
+    assert after["best_model"]["best_metric"] >= best_before["best_metric"]
+    if after["best_model"]["best_metric"] == best_before["best_metric"]:
+        assert after["best_model"]["best_epoch"] == best_before["best_epoch"]
+        assert digest(bundle / "models" / "model.pt") == model_before
+    # the shipped model kept once (by the first run), not the run's own model again after the resume
+    assert len(list((bundle / "models").glob("model.*.pt"))) == 1
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == ["checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
+
+
+def test_stale_checkpoint_of_another_run(bundle, phantom):
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "100",
+                             configs=("train.json", "losses/dice.json"))  # fmt: skip
+    assert code == 0, "\n".join(lines[-30:])
+    model = digest(bundle / "models" / "model.pt")
+    result = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "3", "--resume", "true")
+    last = assert_one_message(result, "resume=true but none of the 1 checkpoint(s) in ./eval/checkpoints belongs to a "
+                                      "run of this config")  # fmt: skip
+    assert "train without --resume" in last
+    assert ("checkpoint_epoch=1.pt: differs in loss ('scripts.losses.DiceLoss' there, 'scripts.losses.DiceCELoss' now)"
+            in result[1][-2])  # fmt: skip
+    assert digest(bundle / "models" / "model.pt") == model
+
+
+def test_resume_with_nothing_left_to_train(bundle, phantom):
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "100")
+    assert code == 0, "\n".join(lines[-30:])
+    result = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--resume", "true")
+    assert_one_message(result, "checkpoint_epoch=1.pt ends epoch 1 of this run, so --epochs 1 leaves nothing to train; "
+                               "resume with --epochs above 1.")  # fmt: skip

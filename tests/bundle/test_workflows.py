@@ -148,10 +148,10 @@ def test_nan_stop_names_last_checkpoint(tmp_path):
 
     from scripts.training import StopOnNonFiniteLoss
 
-    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"")
-    (tmp_path / "checkpoint_epoch=10.pt").write_bytes(b"")  # numeric, not lexical, order
     engine = Engine(lambda e, batch: [{"loss": torch.tensor(float("nan") if e.state.iteration == 7 else 1.0)}])
     StopOnNonFiniteLoss(tmp_path).attach(engine)
+    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"")  # written during the run, so the run's own
+    (tmp_path / "checkpoint_epoch=10.pt").write_bytes(b"")  # numeric, not lexical, order
     with pytest.raises(NonFiniteLossError, match=r"at epoch 3, iteration 7; .*/checkpoint_epoch=10\.pt\. Resume"):
         engine.run([0, 1, 2], max_epochs=5)
 
@@ -172,3 +172,29 @@ def test_divergence_rule_on_a_plain_engine(tmp_path):
     with pytest.raises(DivergingLossError, match=r"loss is 371 at epoch 1, iteration 3, above 100 x the run's first "
                                                  r"loss \(3\.7, at least 1\): training diverged"):  # fmt: skip
         run([3.7, 3.5, 371.0, 2.0])
+
+
+def test_resume_takes_the_new_learning_rate_and_epochs(phantom, tmp_path, capsys):
+    import math
+
+    run_training(phantom, tmp_path, epochs=2, val_interval=100)
+    capsys.readouterr()
+    workflow = run_training(phantom, tmp_path, epochs=4, val_interval=100, learning_rate=1e-4, resume="true")
+    assert workflow.trainer.state.epoch == 4 and workflow.trainer.state.iteration == 8  # 2 more epochs, not 4
+    log = capsys.readouterr().out  # logging.conf's handler writes to stdout
+    notes = [line.split(" - ")[-1] for line in log.splitlines() if " - resume: " in line]
+    assert notes == ["resume: this command's epochs 4 (checkpoint: 2), learning_rate 0.0001 (checkpoint: 0.002) take effect"]
+    scheduler = workflow.parser.get_parsed_content("lr_scheduler")
+    assert scheduler.base_lrs == [1e-4] and scheduler.T_max == 4 and scheduler.last_epoch == 4
+    # the cosine schedule of the new settings, continued at epoch 2: lr(e) = 1e-4 (1 + cos(pi e / 4)) / 2
+    saved = torch.load(tmp_path / "eval" / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=True)
+    assert math.isclose(saved["optimizer"]["param_groups"][0]["lr"], 1e-4 * (1 + math.cos(math.pi * 3 / 4)) / 2)
+    assert saved["run"]["learning_rates"] == [1e-4] and saved["run"]["epochs"] == 4
+
+
+@pytest.mark.parametrize("keep", [None, 1])
+def test_only_the_last_epoch_checkpoints_are_kept(phantom, tmp_path, keep):
+    setting = {} if keep is None else {"keep_epoch_checkpoints": str(keep)}
+    run_training(phantom, tmp_path, epochs=3, val_interval=100, **{"train#trainer#epoch_length": 1}, **setting)
+    kept = sorted(p.name for p in (tmp_path / "eval" / "checkpoints").iterdir())
+    assert kept == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"][-(keep or 2):]  # default 2
