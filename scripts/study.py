@@ -92,7 +92,8 @@ def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iteration
     timing = {"validation_s": 0.0}
 
     def record_validation(engine):
-        curve.append((trainer.state.iteration, float(engine.state.metrics["val_mean_dice"])))
+        # the evaluator's own key metric (validate#key_metric in train.json), whatever the config names it
+        curve.append((trainer.state.iteration, float(engine.state.metrics[engine.state.key_metric_name])))
         timing["validation_s"] += time.perf_counter() - timing.pop("val_start")
 
     evaluator.add_event_handler(Events.STARTED, lambda _: timing.__setitem__("val_start", time.perf_counter()))
