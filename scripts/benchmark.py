@@ -15,7 +15,7 @@ switch, given to both sides only if both accept it):
 
 - MONAI 1.6.1's class of the same name (Jaccard: ``DiceLoss(jaccard=True)``; Focal Tversky: ``TverskyLoss``
   with the same alpha/beta; Combo: ``DiceCELoss``);
-- for the Lovasz losses, the plain loop reference of ``scripts/lovasz_reference.py`` (one sort per image or
+- for the Lovasz losses, the plain loop reference of ``tests/losses/lovasz_reference.py`` (one sort per image or
   batch and class, Algorithm 1 of Berman et al. 2018), given the one-hot target it needs inside the timing.
 
 Runs alternate (ours, anchor, anchor, ours, ...) after one warm-up each, so a shared machine's load hits both
@@ -53,6 +53,7 @@ import platform
 import statistics
 import subprocess
 import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ def monai_anchors() -> dict[str, tuple[str, type, dict, dict, tuple[float | None
         "dice": ("monai DiceLoss", monai_losses.DiceLoss, {}, {}, REGION_TARGET),
         "jaccard": ("monai DiceLoss(jaccard=True)", monai_losses.DiceLoss, {"jaccard": True}, {}, REGION_TARGET),
         "tversky": ("monai TverskyLoss", monai_losses.TverskyLoss, {}, {}, REGION_TARGET),
+        "generalized_dice": ("monai GeneralizedDiceLoss", monai_losses.GeneralizedDiceLoss, {}, {}, NO_TARGET),
         "focal_tversky": ("monai TverskyLoss(alpha=0.3, beta=0.7)", monai_losses.TverskyLoss, {}, tversky,
                           REGION_TARGET),
         "focal": ("monai FocalLoss", monai_losses.FocalLoss, {}, {}, NO_TARGET),
@@ -207,7 +209,9 @@ def monai_anchors() -> dict[str, tuple[str, type, dict, dict, tuple[float | None
 def lovasz_anchor(kind: str, per_image: bool) -> LossFn:
     """The loop reference on ``(logits, labels)``: one-hot target, softmax (softmax kind), Algorithm 1 per
     (image or batch, class), Berman's mean over present classes."""
-    from scripts.lovasz_reference import lovasz_hinge_reference, lovasz_softmax_reference, reduce_table_reference
+    # the tests' oracle, a plain loop over images and classes (tests/losses/lovasz_reference.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "losses"))
+    from lovasz_reference import lovasz_hinge_reference, lovasz_softmax_reference, reduce_table_reference
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dense = F.one_hot(labels[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
@@ -637,7 +641,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-MEASURED_SOURCES = ("scripts/losses", "scripts/lovasz_reference.py", "scripts/organ_metrics.py")
+MEASURED_SOURCES = ("scripts/losses", "tests/losses/lovasz_reference.py", "scripts/organ_metrics.py")
 
 
 def source_version(paths: tuple[str, ...] = MEASURED_SOURCES) -> str:

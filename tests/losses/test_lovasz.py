@@ -1,5 +1,5 @@
 """Tests of scripts.losses.lovasz against the loop reference written from Algorithm 1 of Berman et al. 2018
-(scripts/lovasz_reference.py), hand-computed values, gradcheck and hypothesis properties."""
+(tests/losses/lovasz_reference.py), hand-computed values, gradcheck and hypothesis properties."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from scripts.losses import LOSSES, get_loss
 from scripts.losses.core import LossInputError
 from scripts.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_grad, lovasz_weights
-from scripts.lovasz_reference import (
+from lovasz_reference import (
     lovasz_grad_reference,
     lovasz_hinge_reference,
     lovasz_softmax_reference,
