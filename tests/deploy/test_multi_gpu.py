@@ -170,8 +170,8 @@ def test_two_gloo_processes_train_one_model(tiny_phantom, tmp_path):
 
     # only rank 0 saves and reports
     for handlers in (reports[1]["train_handlers"], reports[1]["val_handlers"]):
-        assert not {"CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler", "LossProgressBar"} & set(handlers)
-    assert "CheckpointSaver" in reports[0]["val_handlers"]
+        assert not {"BestModelSaver", "StatsHandler", "TensorBoardStatsHandler", "LossProgressBar"} & set(handlers)
+    assert "BestModelSaver" in reports[0]["val_handlers"]  # train.json's saver of models/model.pt
     assert "ValidationHandler" in reports[1]["train_handlers"]  # validation itself runs on both ranks
     checkpoint = bundle_root / "models" / "model.pt"
     assert checkpoint.is_file()
