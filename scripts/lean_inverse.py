@@ -1,30 +1,37 @@
-"""Network-grid probabilities to the label map on the input's own grid, a few channels at a time.
+"""Network-grid probabilities to the label map on the input's own grid, a slab and a chunk of channels at a time.
 
 The model zoo's postprocessing ``Activationsd(softmax) -> Invertd(nearest_interp=False) -> AsDiscreted(argmax)``
 resamples every probability channel back to the input's full resolution before taking the argmax: 14 channels of
-a 512 x 512 x 200 CT are 2.9 GB per float32 copy, and the inverse makes several copies (in float64 too). Keeping
-the softmax on the network grid, where it is small, ``InvertArgmaxd`` replaces the last two steps and holds only
-``chunk_size`` full-resolution channels at a time (plus the sampling grid that MONAI's inverse builds): for one
-chunk of channels at a time, the inverse of the preprocessing by MONAI's own machinery (the ``applied_operations``
-that ``Invertd`` reads, undone by the preprocessing's ``inverse``), then a running maximum with its channel index
-at full resolution. A channel replaces the running best only where it is strictly greater, so ties go to the
-lowest channel, as ``torch.argmax`` does.
+a 512 x 512 x 200 CT are 2.9 GB per float32 copy, and MONAI's inverse makes several copies, in float64 too
+(``Spacingd``'s default dtype), plus a float64 sampling grid of the whole volume. Keeping the softmax on the network
+grid, where it is small, ``InvertArgmaxd`` replaces the last two steps with MONAI's own inverse machinery (the
+``applied_operations`` that ``Invertd`` reads, each undone by the preprocessing transform that recorded it):
 
-Resampling is per channel (interpolation weights do not mix channels), so each channel's inverse is bit for bit
-the one ``Invertd`` computes for all channels at once, and the labels are identical
+1. operations recorded after the last resampling (crops, pads) are undone on the network grid, all channels;
+2. the resampling (``Spacingd``) is undone for a slab of output slices and ``chunk_size`` channels at a time:
+   the same inverse, asked for a grid of those slices only (its recorded output size and affine narrowed to the
+   slab), folded into a running maximum and its channel index. A channel replaces the running best only where it
+   is strictly greater, so ties go to the lowest channel, as ``torch.argmax`` does;
+3. operations recorded before it, voxel permutations only (``Orientationd``), are undone on the label map.
+
+Preprocessing of another shape (an interpolating step before the last resampling) is undone on whole volumes,
+``chunk_size`` channels at a time. Interpolation weights do not mix channels, and a slab's voxels are sampled at
+the same positions as in the whole grid, so the labels equal ``Invertd``'s, voxel for voxel
 (``tests/infer/test_lean_inverse.py``). Everything runs on the device the probabilities are on.
 
 Config use, in place of ``Invertd`` and ``AsDiscreted``::
 
     {"_target_": "Activationsd", "keys": "pred", "softmax": true},
     {"_target_": "scripts.lean_inverse.InvertArgmaxd", "keys": "pred", "transform": "@preprocessing",
-     "orig_keys": "image", "chunk_size": 4}
+     "orig_keys": "image", "chunk_size": 14, "slab_voxels": 2097152}
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 from monai.config import KeysCollection
@@ -52,10 +59,27 @@ def label_dtype(num_channels: int) -> torch.dtype:
     return torch.uint8 if num_channels <= 256 else torch.int32
 
 
+def running_argmax(inverted: torch.Tensor, first_channel: int, best: torch.Tensor | None,
+                   labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Fold the channels ``inverted`` (``k[spatial]``, channels ``first_channel...``) into the running maximum
+    ``best`` (None before the first channel) and its channel index ``labels`` (updated in place); returns ``best``.
+    A later channel takes a voxel only where it is strictly greater, so ties keep the lower index, as in argmax."""
+    for offset in range(inverted.shape[0]):
+        channel = inverted[offset]
+        if best is None:
+            best = channel.clone()
+            labels.fill_(first_channel + offset)
+            continue
+        greater = channel > best
+        labels.masked_fill_(greater, first_channel + offset)
+        torch.maximum(best, channel, out=best)
+    return best
+
+
 def inverted_argmax(scores: torch.Tensor, reference: MetaTensor, transform: InvertibleTransform,
                     orig_key: Hashable = "image", chunk_size: int = 1) -> tuple[torch.Tensor, MetaTensor]:  # fmt: skip
     """Per voxel of the input's grid, the index of the channel of ``scores`` (``C[spatial]``, network grid) that
-    is largest after inverting ``transform``; ties go to the lowest channel.
+    is largest after inverting ``transform`` on the whole volume, ``chunk_size`` channels at a time.
 
     Returns ``(labels, template)``: ``labels`` a plain ``[spatial]`` integer tensor on the input's grid,
     ``template`` an empty ``MetaTensor`` with the metadata (affine, file name, remaining operations) of the
@@ -67,42 +91,116 @@ def inverted_argmax(scores: torch.Tensor, reference: MetaTensor, transform: Inve
         template = MetaTensor(torch.empty(0), meta=chunk.meta, applied_operations=chunk.applied_operations)
         inverted = chunk.as_tensor()
         del chunk  # only ``inverted`` keeps the chunk's voxels, and it goes at the end of the iteration
-        for offset in range(inverted.shape[0]):
-            channel = inverted[offset]
-            if best is None:
-                best = channel.clone()
-                labels = torch.zeros(channel.shape, dtype=label_dtype(scores.shape[0]), device=channel.device)
-                continue
-            greater = channel > best  # strict: an equal later channel does not take the voxel, as in argmax
-            labels.masked_fill_(greater, start + offset)
-            torch.maximum(best, channel, out=best)
+        if labels is None:
+            labels = torch.empty(inverted.shape[1:], dtype=label_dtype(scores.shape[0]), device=inverted.device)
+        best = running_argmax(inverted, start, best, labels)
         del inverted
     return labels, template
 
 
+# ------------------------------------------------------------------------------------------------ slab path
+
+#: operations whose inverse only moves voxels (no interpolation), so they can be undone on the label map itself
+VOXEL_PERMUTATIONS = {"Orientation", "Flip"}
+RESAMPLE = "SpatialResample"
+
+
+@dataclass
+class InverseStages:
+    """The preprocessing's invertible transforms split around its last resampling (``Spacingd``): ``after`` are
+    undone on the network grid, ``resample`` slab by slab, ``before`` on the label map (voxel permutations only)."""
+
+    before: list[InvertibleTransform]
+    resample: InvertibleTransform
+    after: list[InvertibleTransform]
+
+
+def inverse_stages(transform: InvertibleTransform, reference: MetaTensor, orig_key: Hashable) -> InverseStages | None:
+    """The stages for ``reference``'s recorded operations, or None when the slab path does not apply (no
+    resampling, an interpolating operation before it, or operations that do not pair with the transforms)."""
+    steps = getattr(transform, "transforms", [transform])
+    invertible = [t for t in steps if isinstance(t, InvertibleTransform) and orig_key in getattr(t, "keys", ())]
+    classes = [op["class"] for op in reference.applied_operations]
+    if len(invertible) != len(classes) or RESAMPLE not in classes:
+        return None
+    last = len(classes) - 1 - classes[::-1].index(RESAMPLE)
+    if not set(classes[:last]) <= VOXEL_PERMUTATIONS:
+        return None
+    return InverseStages(invertible[:last], invertible[last], invertible[last + 1:])
+
+
+def undo(steps: list[InvertibleTransform], image: MetaTensor, orig_key: Hashable) -> MetaTensor:
+    """``steps``' inverses, last step first, each popping its own operation from ``image``."""
+    for step in reversed(steps):
+        with allow_missing_keys_mode(step):  # a step may also name keys (label) this dict lacks
+            image = step.inverse({orig_key: image})[orig_key]
+    return image
+
+
+def resample_slab(channels: torch.Tensor, network_grid: MetaTensor, resample: InvertibleTransform,
+                  orig_key: Hashable, start: int, stop: int) -> torch.Tensor:  # fmt: skip
+    """Slices ``start:stop`` (last axis) of the resampling's inverse of ``channels`` (on ``network_grid``, whose
+    last recorded operation is the resampling): the same inverse, asked for a grid of those slices only, whose
+    affine is the full grid's moved by ``start`` voxels along that axis."""
+    slab = MetaTensor(channels, meta=deepcopy(network_grid.meta),
+                      applied_operations=deepcopy(network_grid.applied_operations))  # the inverse edits its record
+    record = slab.applied_operations[-1]
+    record["orig_size"] = (*record["orig_size"][:-1], stop - start)
+    shift = torch.eye(4, dtype=torch.float64)
+    shift[2, 3] = start
+    full_grid = torch.as_tensor(record["extra_info"]["src_affine"], dtype=torch.float64)
+    record["extra_info"]["src_affine"] = full_grid @ shift
+    return undo([resample], slab, orig_key).as_tensor()
+
+
+def slab_argmax(scores: torch.Tensor, reference: MetaTensor, stages: InverseStages, orig_key: Hashable,
+                chunk_size: int, slab_voxels: int) -> MetaTensor:  # fmt: skip
+    """The label map with the resampling undone a slab of output slices and a chunk of channels at a time."""
+    network_grid = MetaTensor(scores, meta=deepcopy(reference.meta),
+                              applied_operations=deepcopy(reference.applied_operations))  # fmt: skip
+    network_grid = undo(stages.after, network_grid, orig_key)  # crops and pads, on the small grid
+    full_shape = tuple(network_grid.applied_operations[-1]["orig_size"])
+    full_affine = torch.as_tensor(network_grid.applied_operations[-1]["extra_info"]["src_affine"])
+    labels = torch.zeros(full_shape, dtype=label_dtype(scores.shape[0]), device=scores.device)
+    depth = max(1, slab_voxels // math.prod(full_shape[:-1]))
+    for start in range(0, full_shape[-1], depth):
+        stop = min(start + depth, full_shape[-1])
+        best = None
+        for first in range(0, scores.shape[0], chunk_size):
+            chunk = network_grid.as_tensor()[first:first + chunk_size]
+            inverted = resample_slab(chunk, network_grid, stages.resample, orig_key, start, stop)
+            best = running_argmax(inverted, first, best, labels[..., start:stop])
+    on_resampled_grid = MetaTensor(labels[None], meta={**deepcopy(network_grid.meta), "affine": full_affine},
+                                   applied_operations=network_grid.applied_operations[:-1])  # fmt: skip
+    return undo(stages.before, on_resampled_grid, orig_key)
+
+
 class InvertArgmaxd(MapTransform):
-    """``Invertd(nearest_interp=False)`` + ``AsDiscreted(argmax=True)`` in one transform that never holds more than
-    ``chunk_size`` full-resolution channels (see the module docstring).
+    """``Invertd(nearest_interp=False)`` + ``AsDiscreted(argmax=True)`` in one transform that never holds the
+    probabilities of the whole volume at full resolution (see the module docstring).
 
     Args:
         keys: the network's probabilities (``C[spatial]`` on the network grid, after ``Activationsd``), replaced by
             the ``1[spatial]`` label map on the input's grid.
         transform: the preprocessing whose spatial transforms are undone (the config's ``@preprocessing``).
         orig_keys: the preprocessed images holding the applied operations, one per key (default: ``keys``).
-        chunk_size: channels resampled to full resolution at a time (default 4: one chunk's float64 resampling
-            takes no more memory than the sampling grid, and fewer chunks build fewer grids).
+        chunk_size: channels resampled at a time (default 1).
+        slab_voxels: full-resolution voxels resampled at a time, in slabs of whole slices (default 2**21, 8 MiB
+            per float32 channel); None resamples whole volumes. Preprocessing with an interpolating step before its
+            last resampling always takes whole volumes.
         dtype: the label map's type (default float32, that of ``AsDiscreted``'s output).
         allow_missing_keys: do not raise for a missing key.
     """
 
     def __init__(self, keys: KeysCollection, transform: InvertibleTransform, orig_keys: KeysCollection | None = None,
-                 chunk_size: int = 4, dtype: torch.dtype = torch.float32, allow_missing_keys: bool = False) -> None:
+                 chunk_size: int = 1, slab_voxels: int | None = 2**21, dtype: torch.dtype = torch.float32,
+                 allow_missing_keys: bool = False) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         if not isinstance(transform, InvertibleTransform):
             raise ValueError(f"transform must be invertible (the preprocessing), got {type(transform).__name__}.")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-        self.transform, self.chunk_size, self.dtype = transform, chunk_size, dtype
+        if chunk_size < 1 or (slab_voxels is not None and slab_voxels < 1):
+            raise ValueError(f"chunk_size and slab_voxels must be >= 1, got {chunk_size} and {slab_voxels}.")
+        self.transform, self.chunk_size, self.slab_voxels, self.dtype = transform, chunk_size, slab_voxels, dtype
         self.orig_keys = ensure_tuple_rep(orig_keys, len(self.keys)) if orig_keys is not None else self.keys
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -123,6 +221,11 @@ class InvertArgmaxd(MapTransform):
             source = reference.meta.get("filename_or_obj", "an image")
             raise ValueError(f"InvertArgmaxd: the network output for {source} holds NaN or infinite values; check "
                              "the image's intensities and the checkpoint.")
+        stages = inverse_stages(self.transform, reference, orig_key) if self.slab_voxels else None
+        if stages is not None:
+            labels = slab_argmax(scores, reference, stages, orig_key, self.chunk_size, self.slab_voxels)
+            return MetaTensor(labels.as_tensor().to(self.dtype), meta=labels.meta,
+                              applied_operations=labels.applied_operations)
         labels, template = inverted_argmax(scores, reference, self.transform, orig_key, self.chunk_size)
         return MetaTensor(labels[None].to(self.dtype), meta=template.meta,
                           applied_operations=template.applied_operations)

@@ -44,6 +44,8 @@ GRIDS = {
     "lps": ((63, 51, 21), affine_of(np.diag([-0.9, -0.9, 2.5]))),
     "permuted": ((23, 41, 35), affine_of(np.diag([1.3, 1.7, 3.5])[:, [2, 0, 1]])),  # voxel axis 0 along world z
     "oblique": ((39, 33, 17), affine_of(rotation(17.0, 9.0) @ np.diag([1.2, 1.4, 3.0]))),
+    # fine voxels: the full-resolution grid holds many more voxels than the 3 mm network grid, as a real CT does
+    "fine": ((61, 53, 29), affine_of(np.diag([-0.8, 0.8, 1.5]))),
 }
 
 
@@ -131,16 +133,44 @@ def test_config_labels_equal_the_model_zoo_postprocessing(ct_files, name, record
     assert int(ties.sum()) < 1e-6 * ties.numel(), f"{int(ties.sum())} exact ties: the logits are degenerate"
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 5, 14])
-def test_every_chunk_size_gives_the_same_labels(ct_files, chunk_size):
+PATHS = [(1, 500), (3, 2000), (14, 10**9), (1, None), (5, None)]  # (chunk_size, slab_voxels); None: whole volumes
+
+
+@pytest.mark.parametrize(("chunk_size", "slab_voxels"), PATHS)
+def test_every_chunk_and_slab_size_gives_the_same_labels(ct_files, chunk_size, slab_voxels):
     parser = parsed(CONFIGS / "inference.json")
     preprocessing = parser.get_parsed_content("preprocessing")
-    data = preprocessed_with_pred(parser, ct_files["oblique"], seed=1)
-    probabilities = Activationsd("pred", softmax=True)(data)
+    data = Activationsd("pred", softmax=True)(preprocessed_with_pred(parser, ct_files["oblique"], seed=1))
+    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
+                         AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
+    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
+                           slab_voxels=slab_voxels)(dict(data))["pred"]  # fmt: skip
+    assert torch.equal(labels.as_tensor(), reference.as_tensor())
+    np.testing.assert_allclose(labels.affine.numpy(), reference.affine.numpy(), atol=0)
+
+
+def test_the_bundles_preprocessing_takes_the_slab_path_and_others_the_whole_volume(ct_files):
+    """The slab path needs every operation before the last resampling to be a voxel permutation; a second
+    resampling before it (here a Spacingd to 2 mm, then the config's to 3 mm) takes whole volumes, same labels."""
+    parser = parsed(CONFIGS / "inference.json")
+    data = preprocessed_with_pred(parser, ct_files["lps"])
+    assert lean_inverse.inverse_stages(parser.get_parsed_content("preprocessing"), data["image"], "image")
+
+    steps = [dict(step) for step in parser["preprocessing#transforms"]]
+    index = next(i for i, step in enumerate(steps) if step["_target_"] == "Spacingd")
+    steps.insert(index, {**steps[index], "pixdim": [2.0, 2.0, 2.0]})
+    parser["preprocessing#transforms"] = steps
+    preprocessing = parser.get_parsed_content("preprocessing", lazy=False)
+    twice = preprocessing({"image": ct_files["lps"]})
+    twice["pred"] = MetaTensor(smooth_logits(twice["image"].shape[1:], seed=6), meta=twice["image"].meta)
+    assert [op["class"] for op in twice["image"].applied_operations] == ["Orientation", "SpatialResample",
+                                                                          "SpatialResample"]  # fmt: skip
+    assert lean_inverse.inverse_stages(preprocessing, twice["image"], "image") is None
+    probabilities = Activationsd("pred", softmax=True)(twice)
     reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
                          AsDiscreted("pred", argmax=True)])(dict(probabilities))["pred"]  # fmt: skip
-    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size)(dict(probabilities))["pred"]
-    assert torch.equal(labels.as_tensor(), reference.as_tensor())
+    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=3)(dict(probabilities))["pred"]
+    assert labels.shape == (1, *GRIDS["lps"][0]) and torch.equal(labels.as_tensor(), reference.as_tensor())
 
 
 def test_ties_go_to_the_lowest_channel_as_in_argmax(ct_files):
@@ -154,9 +184,11 @@ def test_ties_go_to_the_lowest_channel_as_in_argmax(ct_files):
     data["pred"] = MetaTensor(torch.softmax(logits, 0), meta=data["image"].meta)  # as the inferer gives it
     reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
                          AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
-    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=4)(dict(data))["pred"]
     assert (reference == 2).sum() > 100 and not (reference == 9).any()
-    assert torch.equal(labels.as_tensor(), reference.as_tensor())
+    for chunk_size, slab_voxels in ((4, 1000), (4, None), (14, 10**9)):
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
+                               slab_voxels=slab_voxels)(dict(data))["pred"]  # fmt: skip
+        assert torch.equal(labels.as_tensor(), reference.as_tensor()), (chunk_size, slab_voxels)
 
 
 def test_evaluate_json_inverts_pred_and_label_as_before(tmp_path):
@@ -207,16 +239,40 @@ class ChannelStacks(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3])
-def test_never_more_than_chunk_size_full_resolution_channels(ct_files, monkeypatch, chunk_size):
-    """The stand-in for a 512 x 512 x 800 volume: the chunks are exercised (one call of the per-chunk inverse per
-    chunk, each with ``chunk_size`` channels at most) and no operation makes a full-resolution tensor of more than
-    ``chunk_size`` channels, where the model zoo's pipeline makes one of all 14 (the probe can fail)."""
+class LargestTensor(TorchDispatchMode):
+    """Watches every tensor that any operation returns and keeps the largest number of elements of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.most = max([self.most, *sizes])
+        return out
+
+
+def expected_chunks(chunk_size: int) -> list[int]:
+    return [chunk_size] * (NUM_CLASSES // chunk_size) + [NUM_CLASSES % chunk_size] * (NUM_CLASSES % chunk_size > 0)
+
+
+@pytest.fixture
+def fine_probabilities(ct_files):
     parser = parsed(CONFIGS / "inference.json")
     preprocessing = parser.get_parsed_content("preprocessing")
-    data = Activationsd("pred", softmax=True)(preprocessed_with_pred(parser, ct_files["permuted"], seed=4))
-    full_shape = GRIDS["permuted"][0]
+    data = Activationsd("pred", softmax=True)(preprocessed_with_pred(parser, ct_files["fine"], seed=4))
+    assert NUM_CLASSES * data["image"][0].numel() < math.prod(GRIDS["fine"][0])  # the probe below needs it
+    return preprocessing, data, GRIDS["fine"][0]
 
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_whole_volumes_never_hold_more_than_chunk_size_full_resolution_channels(fine_probabilities,
+                                                                                monkeypatch, chunk_size):  # fmt: skip
+    """Whole-volume path: one call of the per-chunk inverse per chunk, each with ``chunk_size`` channels at most,
+    and no operation makes a full-resolution tensor of more than ``chunk_size`` channels, where the model zoo's
+    pipeline makes one of all 14 (the probe can fail)."""
+    preprocessing, data, full_shape = fine_probabilities
     chunks = []
     invert_channels = lean_inverse.invert_channels
 
@@ -226,15 +282,48 @@ def test_never_more_than_chunk_size_full_resolution_channels(ct_files, monkeypat
 
     monkeypatch.setattr(lean_inverse, "invert_channels", counting)
     with ChannelStacks(full_shape) as ours:
-        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size)(dict(data))["pred"]
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
+                               slab_voxels=None)(dict(data))["pred"]  # fmt: skip
     assert labels.shape == (1, *full_shape)
-    assert chunks == [chunk_size] * (NUM_CLASSES // chunk_size) + [NUM_CLASSES % chunk_size] * (
-        NUM_CLASSES % chunk_size > 0)  # fmt: skip
+    assert chunks == expected_chunks(chunk_size)
     assert 1 <= ours.most <= chunk_size
 
     with ChannelStacks(full_shape) as reference:
         Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False)(dict(data))
     assert reference.most >= NUM_CLASSES
+
+
+@pytest.mark.parametrize("chunk_size", [1, 14])
+def test_slabs_never_hold_more_than_one_full_resolution_channel(fine_probabilities, monkeypatch, chunk_size):
+    """The stand-in for a 512 x 512 x 800 volume: slabs of two slices (``slab_voxels`` = 2 slices' worth of the
+    resampled grid), every slab resampled once per chunk of ``chunk_size`` channels; the largest tensor any
+    operation makes (the label map) holds no more than one full-resolution channel, where the model zoo's
+    pipeline makes one of over 14."""
+    preprocessing, data, full_shape = fine_probabilities
+    voxels = math.prod(full_shape)
+    resampled_shape = tuple(data["image"].applied_operations[-1]["orig_size"])  # the RAS grid before Spacingd
+    slab_voxels = 2 * math.prod(resampled_shape[:-1])
+    calls = []
+    resample_slab = lean_inverse.resample_slab
+
+    def counting(channels, network_grid, resample, orig_key, start, stop):
+        calls.append((channels.shape[0], stop - start))
+        return resample_slab(channels, network_grid, resample, orig_key, start, stop)
+
+    monkeypatch.setattr(lean_inverse, "resample_slab", counting)
+    with LargestTensor() as ours:
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
+                               slab_voxels=slab_voxels)(dict(data))["pred"]  # fmt: skip
+    assert labels.shape == (1, *full_shape)
+    slabs = math.ceil(resampled_shape[-1] / 2)
+    assert [c for c, _ in calls] == expected_chunks(chunk_size) * slabs
+    assert {d for _, d in calls} <= {1, 2} and sum(d for _, d in calls) == resampled_shape[-1] * len(
+        expected_chunks(chunk_size))  # fmt: skip
+    assert ours.most <= voxels
+
+    with LargestTensor() as reference:
+        Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False)(dict(data))
+    assert reference.most >= NUM_CLASSES * voxels
 
 
 # ------------------------------------------------------------------------------------------------ bad input
