@@ -62,17 +62,16 @@ def label_dtype(num_channels: int) -> torch.dtype:
 def running_argmax(inverted: torch.Tensor, first_channel: int, best: torch.Tensor | None,
                    labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Fold the channels ``inverted`` (``k[spatial]``, channels ``first_channel...``) into the running maximum
-    ``best`` (None before the first channel) and its channel index ``labels`` (updated in place); returns ``best``.
-    A later channel takes a voxel only where it is strictly greater, so ties keep the lower index, as in argmax."""
-    for offset in range(inverted.shape[0]):
-        channel = inverted[offset]
-        if best is None:
-            best = channel.clone()
-            labels.fill_(first_channel + offset)
-            continue
-        greater = channel > best
-        labels.masked_fill_(greater, first_channel + offset)
-        torch.maximum(best, channel, out=best)
+    ``best`` (None before the first chunk) and its channel index ``labels`` (updated in place); returns ``best``.
+    Within the chunk ``max`` gives the first of equal maxima, as ``argmax`` does; a later chunk takes a voxel only
+    where it is strictly greater, so ties keep the lowest channel throughout."""
+    values, indices = inverted.max(dim=0)
+    if best is None:
+        labels.copy_(indices.add_(first_channel))
+        return values
+    greater = values > best
+    labels.copy_(torch.where(greater, indices.add_(first_channel), labels))
+    torch.maximum(best, values, out=best)
     return best
 
 
