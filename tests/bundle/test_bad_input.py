@@ -110,6 +110,17 @@ def test_unknown_loss_is_one_message(bundle, phantom):
     assert_one_message(result, "unknown loss 'scripts.losses.NoSuchLoss'", "scripts.losses.DiceCELoss")
 
 
+@pytest.mark.parametrize("args, names", [
+    (("--loss#ignore_index", "abc"), ("ignore_index", "'abc'")),
+    (("--loss#_target_", "scripts.losses.FocalLoss"), ("FocalLoss does not take softmax", "configs/losses/focal.json")),
+])  # fmt: skip
+def test_loss_constructor_error_is_one_message(bundle, phantom, args, names):
+    # the loss is built in `initialize`, before the datasets are cached, so its message comes first and alone
+    result = run_bundle(bundle, "--dataset_dir", str(phantom), *args)
+    assert_one_message(result, *names)
+    assert len(result[1]) <= 6 and not (bundle / "eval").exists()
+
+
 def test_debug_shows_the_traceback(bundle, phantom):
     code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--resume", "maybe", "--debug", "true")
     assert code != 0 and "Traceback (most recent call last):" in lines
