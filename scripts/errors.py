@@ -86,8 +86,6 @@ def report_errors_briefly(debug: bool | str = False) -> bool:
     """
     from scripts.config_values import read_bool
 
-    if read_bool(debug, "debug"):
-        os.environ[DEBUG_VARIABLE] = "1"
     if getattr(sys.excepthook, "__name__", "") != _excepthook.__name__:
         previous = sys.excepthook
 
@@ -96,6 +94,8 @@ def report_errors_briefly(debug: bool | str = False) -> bool:
 
         hook.__name__ = _excepthook.__name__
         sys.excepthook = hook
+    if read_bool(debug, "debug"):  # after the hook, so that a bad --debug value is reported briefly too
+        os.environ[DEBUG_VARIABLE] = "1"
     return True
 
 

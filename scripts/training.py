@@ -1,5 +1,6 @@
-"""Trainer-side helpers of the bundle's configs: a stop on a non-finite loss, a progress bar that shows the
-loss, resuming from the newest epoch checkpoint, and an up-front check of the configured loss."""
+"""Trainer-side helpers of the bundle's configs: a stop on a non-finite or diverging loss, epoch checkpoints that
+belong to one run and resume it, a saver of the best model that never loses weights it did not write, a progress
+bar that shows the loss, and an up-front check of the configured loss."""
 
 from __future__ import annotations
 
@@ -187,10 +188,10 @@ class EpochCheckpoints:
         if run["learning_rates"] != rates:
             changes.append(f"learning_rate {rates[0]:g} (checkpoint: {run['learning_rates'][0]:g})")
         if changes:
-            self._reschedule(engine.state.epoch)
+            self._reschedule()
             logging.getLogger(__name__).warning("resume: this command's " + ", ".join(changes) + " take effect")
 
-    def _reschedule(self, epoch: int) -> None:
+    def _reschedule(self) -> None:
         """Set the configured learning rates and schedule length at the loaded epoch."""
         optimizer, scheduler = self.objects.get("optimizer"), self.objects.get("lr_scheduler")
         rates = self.configured["learning_rates"]
@@ -199,6 +200,7 @@ class EpochCheckpoints:
                 raise ResumeError(f"--learning_rate/--epochs differ from {self.resume_from}'s, and the scheduler "
                                   f"{type(scheduler).__name__} has no closed form to move to them mid-run; resume "
                                   f"with that run's learning_rate and epochs, or train without --resume.")  # fmt: skip
+            # torch keeps the closed form private; step() goes on from group["lr"], so setting it is enough
             loaded = scheduler.state_dict()
             scheduler.load_state_dict({**self.configured["scheduler"], "last_epoch": loaded["last_epoch"],
                                        "_step_count": loaded["_step_count"]})  # fmt: skip
