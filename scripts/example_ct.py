@@ -85,8 +85,19 @@ def btcv_lookup(class_map: dict[int, str]) -> np.ndarray:
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
-_WANTED = {(0x0002, 0x0010), (0x0020, 0x0032), (0x0020, 0x0037), (0x0028, 0x0030), (0x0028, 0x0010),
-           (0x0028, 0x0011), (0x0028, 0x0101), (0x0028, 0x0103), (0x0028, 0x1052), (0x0028, 0x1053), (0x7FE0, 0x0010)}  # fmt: skip
+_WANTED = {
+    (0x0002, 0x0010),
+    (0x0020, 0x0032),
+    (0x0020, 0x0037),
+    (0x0028, 0x0030),
+    (0x0028, 0x0010),
+    (0x0028, 0x0011),
+    (0x0028, 0x0101),
+    (0x0028, 0x0103),
+    (0x0028, 0x1052),
+    (0x0028, 0x1053),
+    (0x7FE0, 0x0010),
+}
 
 
 def _skip_items(data: bytes, pos: int, end_tag: tuple[int, int]) -> int:
@@ -150,7 +161,7 @@ def read_dicom_slice(path: Path) -> tuple[np.ndarray, dict]:
         bits = struct.unpack("<H", tags.get((0x0028, 0x0101), b"\x10\0"))[0]
         shift = 16 - bits
         # Pillow scales a 12-bit JPEG 2000 codestream up to 16 bits; undo it so that the rescale tags apply
-        if array.dtype == np.uint16 and 0 < shift and not np.any(array % (1 << shift)):
+        if array.dtype == np.uint16 and shift > 0 and not np.any(array % (1 << shift)):
             array = array >> shift
         if signed:
             array = array.astype(np.int32)
@@ -161,8 +172,11 @@ def read_dicom_slice(path: Path) -> tuple[np.ndarray, dict]:
         raise ValueError(f"{path}: decoded pixels have shape {array.shape}, expected {(rows, cols)}.")
     slope = numbers((0x0028, 0x1053))[0] if (0x0028, 0x1053) in tags else 1.0
     intercept = numbers((0x0028, 0x1052))[0] if (0x0028, 0x1052) in tags else 0.0
-    geometry = {"position": numbers((0x0020, 0x0032)), "orientation": numbers((0x0020, 0x0037)),
-                "spacing": numbers((0x0028, 0x0030))}  # fmt: skip
+    geometry = {
+        "position": numbers((0x0020, 0x0032)),
+        "orientation": numbers((0x0020, 0x0037)),
+        "spacing": numbers((0x0028, 0x0030)),
+    }
     return array.astype(np.float32) * slope + intercept, geometry
 
 
@@ -187,13 +201,16 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _onto_grid(volume: np.ndarray, affine: np.ndarray, target: nib.Nifti1Image, name: str) -> np.ndarray:
     """``volume`` reoriented to ``target``'s voxel order; raises unless both describe the same grid."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.io_orientation(target.affine))  # fmt: skip
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.io_orientation(target.affine)
+    )
     moved = nib.orientations.apply_orientation(volume, transform)
     moved_affine = affine @ nib.orientations.inv_ornt_aff(transform, volume.shape)
     if moved.shape != target.shape[:3] or not np.allclose(moved_affine, target.affine, atol=0.05):
-        raise ValueError(f"{name}: the DICOM series (shape {moved.shape}) and its segmentation (shape "
-                         f"{target.shape[:3]}) do not share a voxel grid.")  # fmt: skip
+        raise ValueError(
+            f"{name}: the DICOM series (shape {moved.shape}) and its segmentation (shape "
+            f"{target.shape[:3]}) do not share a voxel grid."
+        )
     return moved
 
 
@@ -208,8 +225,9 @@ def download_sdist(dest: Path) -> Path:
     return found[0]
 
 
-def build_example_ct(out_dir: str | Path, sdist: str | Path | None = None, cases: tuple[str, ...] = tuple(CASES)
-                     ) -> Path:  # fmt: skip
+def build_example_ct(
+    out_dir: str | Path, sdist: str | Path | None = None, cases: tuple[str, ...] = tuple(CASES)
+) -> Path:
     """Write the sdist's CTs with BTCV labels and an MSD-style ``dataset.json`` to ``out_dir``.
 
     Args:
@@ -246,8 +264,10 @@ def build_example_ct(out_dir: str | Path, sdist: str | Path | None = None, cases
             if values.min() < 0 or values.max() >= len(table):
                 raise ValueError(f"{case}: label values {values.min()}..{values.max()} outside the class map.")
             label = table[values]
-            nib.save(nib.Nifti1Image(np.clip(np.round(image), -1024, 3071).astype(np.int16), seg.affine),
-                     out / "imagesTr" / f"{case}.nii.gz")  # fmt: skip
+            nib.save(
+                nib.Nifti1Image(np.clip(np.round(image), -1024, 3071).astype(np.int16), seg.affine),
+                out / "imagesTr" / f"{case}.nii.gz",
+            )
             nib.save(nib.Nifti1Image(label, seg.affine), out / "labelsTr" / f"{case}.nii.gz")
             items.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
     dataset = {

@@ -93,8 +93,21 @@ class Tube:
 
 
 # (label, mean HU) in painting order: large organs first, small ones last so that they are never overwritten
-ORGAN_HU = [(6, 105.0), (1, 110.0), (2, 170.0), (3, 170.0), (7, 25.0), (11, 90.0), (4, 12.0), (12, 35.0),
-            (13, 35.0), (8, 185.0), (9, 140.0), (10, 160.0), (5, 45.0)]  # fmt: skip
+ORGAN_HU = [
+    (6, 105.0),
+    (1, 110.0),
+    (2, 170.0),
+    (3, 170.0),
+    (7, 25.0),
+    (11, 90.0),
+    (4, 12.0),
+    (12, 35.0),
+    (13, 35.0),
+    (8, 185.0),
+    (9, 140.0),
+    (10, 160.0),
+    (5, 45.0),
+]
 
 
 def organ_shapes(rng: np.random.Generator) -> dict[int, Ellipsoid | Tube]:
@@ -114,18 +127,26 @@ def organ_shapes(rng: np.random.Generator) -> dict[int, Ellipsoid | Tube]:
         2: Ellipsoid(j((62.0, -48.0, -15.0)), sz((26.0, 22.0, 52.0)), rng.uniform(-30, -15)),
         3: Ellipsoid(j((-62.0, -48.0, -5.0)), sz((26.0, 22.0, 52.0)), rng.uniform(15, 30)),
         7: Ellipsoid(j((-45.0, 30.0, 55.0)), sz((48.0, 32.0, 45.0)), rng.uniform(-40, -20)),
-        11: Tube((j((22.0, 10.0, -5.0), 3), j((-20.0, 8.0, 10.0), 3), j((-62.0, -8.0, 28.0), 3)),
-                 (float(rng.uniform(13, 16)), float(rng.uniform(7, 9)))),  # fmt: skip
+        11: Tube(
+            (j((22.0, 10.0, -5.0), 3), j((-20.0, 8.0, 10.0), 3), j((-62.0, -8.0, 28.0), 3)),
+            (float(rng.uniform(13, 16)), float(rng.uniform(7, 9))),
+        ),
         4: Ellipsoid(j((52.0, 45.0, 10.0), 4), sz((14.0, 14.0, 32.0), 0.2), rng.uniform(-20, 20)),
         12: Ellipsoid(j((32.0, -32.0, 42.0), 3), sz((5.0, 12.0, 16.0), 0.2), rng.uniform(-30, -10)),
         13: Ellipsoid(j((-34.0, -28.0, 34.0), 3), sz((5.0, 12.0, 17.0), 0.2), rng.uniform(10, 30)),
-        8: Tube((j((-12.0, -38.0, 140.0), 2), j((-14.0, -36.0, 0.0), 2), j((-10.0, -30.0, -140.0), 2)),
-                (float(rng.uniform(11, 13)), float(rng.uniform(9, 10)))),  # fmt: skip
-        9: Tube((j((24.0, -30.0, -140.0), 2), j((24.0, -28.0, 20.0), 2), j((30.0, -18.0, 75.0), 2)),
-                float(rng.uniform(9, 11))),  # fmt: skip
+        8: Tube(
+            (j((-12.0, -38.0, 140.0), 2), j((-14.0, -36.0, 0.0), 2), j((-10.0, -30.0, -140.0), 2)),
+            (float(rng.uniform(11, 13)), float(rng.uniform(9, 10))),
+        ),
+        9: Tube(
+            (j((24.0, -30.0, -140.0), 2), j((24.0, -28.0, 20.0), 2), j((30.0, -18.0, 75.0), 2)),
+            float(rng.uniform(9, 11)),
+        ),
         10: Tube((spleen_hilum, confluence, j((40.0, 12.0, 42.0), 3)), float(rng.uniform(5, 6.5))),
-        5: Tube((j((-2.0, -38.0, 150.0), 2), j((-12.0, -25.0, 100.0), 2), j((-30.0, 5.0, 78.0), 3)),
-                float(rng.uniform(7, 8.5))),  # fmt: skip
+        5: Tube(
+            (j((-2.0, -38.0, 150.0), 2), j((-12.0, -25.0, 100.0), 2), j((-30.0, 5.0, 78.0), 3)),
+            float(rng.uniform(7, 8.5)),
+        ),
     }
 
 
@@ -181,8 +202,11 @@ def make_case(seed: int, spacing_scale: float = 1.0) -> tuple[np.ndarray, np.nda
     axes = [origin[a] + flips[a] * spacing[a] * np.arange(shape[a], dtype=np.float32) for a in range(3)]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     # one smooth deformation for the whole case keeps organs from being perfect ellipsoids
-    wx, wy, wz = (x + _smooth_field(rng, x, y, z, 6.0, 120.0), y + _smooth_field(rng, x, y, z, 6.0, 120.0),
-                  z + _smooth_field(rng, x, y, z, 6.0, 120.0))  # fmt: skip
+    wx, wy, wz = (
+        x + _smooth_field(rng, x, y, z, 6.0, 120.0),
+        y + _smooth_field(rng, x, y, z, 6.0, 120.0),
+        z + _smooth_field(rng, x, y, z, 6.0, 120.0),
+    )
 
     image = np.full(shape, -1000.0, dtype=np.float32)
     label = np.zeros(shape, dtype=np.uint8)
@@ -217,15 +241,18 @@ def make_case(seed: int, spacing_scale: float = 1.0) -> tuple[np.ndarray, np.nda
         inside[sl] = shapes[organ].mask(wx[sl], wy[sl], wz[sl]) & (body_r[sl] <= 1.0)
         label[inside] = organ
         image[inside] = hu + rng.normal(0.0, 5.0) + texture[inside]
-    stomach_gas = (label == 7) & Ellipsoid(shapes[7].center, shapes[7].radii, shapes[7].yaw).mask(wx, wy - 25.0, wz - 30.0)
+    stomach_gas = (label == 7) & Ellipsoid(shapes[7].center, shapes[7].radii, shapes[7].yaw).mask(
+        wx, wy - 25.0, wz - 30.0
+    )
     image[stomach_gas] = -900.0  # gas cap in the anterior, upper stomach (still labelled stomach)
 
     noisy = _smooth(torch.from_numpy(image)).numpy() + rng.normal(0.0, rng.uniform(8.0, 20.0), shape)
     return np.clip(np.round(noisy), -1024, 3071).astype(np.int16), label, affine
 
 
-def generate(out_dir: str | os.PathLike, num_cases: int = 16, num_validation: int = 4, seed: int = 0,
-             spacing_scale: float = 1.0) -> Path:  # fmt: skip
+def generate(
+    out_dir: str | os.PathLike, num_cases: int = 16, num_validation: int = 4, seed: int = 0, spacing_scale: float = 1.0
+) -> Path:
     """Write ``num_cases`` phantom cases and an MSD-style ``dataset.json`` to ``out_dir``.
 
     The last ``num_validation`` cases go to the ``validation`` list, the others to ``training``. Files are
@@ -243,8 +270,9 @@ def generate(out_dir: str | os.PathLike, num_cases: int = 16, num_validation: in
         ``out_dir`` as a ``Path``.
     """
     if not 0 <= num_validation < num_cases:
-        raise ValueError(f"need 0 <= num_validation < num_cases, got num_validation={num_validation}, "
-                         f"num_cases={num_cases}.")  # fmt: skip
+        raise ValueError(
+            f"need 0 <= num_validation < num_cases, got num_validation={num_validation}, num_cases={num_cases}."
+        )
     out = Path(out_dir)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)

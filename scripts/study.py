@@ -29,8 +29,14 @@ from pathlib import Path
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_ROOT / "configs"
-SMALL_ORGANS = ("gallbladder", "esophagus", "right adrenal gland", "left adrenal gland", "pancreas",
-                "portal and splenic veins")  # fmt: skip
+SMALL_ORGANS = (
+    "gallbladder",
+    "esophagus",
+    "right adrenal gland",
+    "left adrenal gland",
+    "pancreas",
+    "portal and splenic veins",
+)
 # validations per run when --val-points is not given: enough points for a curve, few enough to stay cheap
 DEFAULT_VAL_POINTS = 5
 PLOTS = ("val_dice_curves.png", "organ_dice_heatmap.png", "small_organ_dice.png", "axial_slices.png")
@@ -64,14 +70,28 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _workflow(files: list[str], settings: dict):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=files, meta_file=str(CONFIGS / "metadata.json"),
-                              logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", **settings)  # fmt: skip
+    workflow = ConfigWorkflow(
+        config_file=files,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="train",
+        **settings,
+    )
     workflow.initialize()
     return workflow
 
 
-def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iterations: int | None, budget_s: float | None,
-               val_points: int, extra: dict, max_iterations_cap: int = 100_000) -> dict:  # fmt: skip
+def run_single(
+    loss: str,
+    seed: int,
+    dataset_dir: Path,
+    run_dir: Path,
+    iterations: int | None,
+    budget_s: float | None,
+    val_points: int,
+    extra: dict,
+    max_iterations_cap: int = 100_000,
+) -> dict:
     """Train and evaluate one (loss, seed); write and return ``run_dir/result.json``."""
     import torch
     from ignite.engine import Events
@@ -80,12 +100,21 @@ def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iteration
     # under a wall-clock budget the cosine schedule spans --max-iterations, so the learning rate barely decays
     max_iterations = iterations if iterations is not None else max_iterations_cap
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "losses" / f"{loss}.json")]
-    settings = {"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(dataset_dir), "generate_phantom": False,
-                "output_dir": str(run_dir / "train"), "ckpt_dir": str(run_dir / "models"), "epochs": max_iterations,
-                "train#trainer#epoch_length": 1,
-                "val_interval": max(1, max_iterations // max(1, val_points)) if budget_s is None else max_iterations,
-                "initialize": [f"$monai.utils.set_determinism(seed={int(seed)})",
-                               "$scripts.training.check_loss_target(@loss_target)"], **extra}  # fmt: skip
+    settings = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "generate_phantom": False,
+        "output_dir": str(run_dir / "train"),
+        "ckpt_dir": str(run_dir / "models"),
+        "epochs": max_iterations,
+        "train#trainer#epoch_length": 1,
+        "val_interval": max(1, max_iterations // max(1, val_points)) if budget_s is None else max_iterations,
+        "initialize": [
+            f"$monai.utils.set_determinism(seed={int(seed)})",
+            "$scripts.training.check_loss_target(@loss_target)",
+        ],
+        **extra,
+    }
     workflow = _workflow(files, settings)
     trainer, evaluator = workflow.trainer, workflow.evaluator
     curve: list[tuple[int, float]] = []
@@ -127,20 +156,29 @@ def run_single(loss: str, seed: int, dataset_dir: Path, run_dir: Path, iteration
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     eval_dir = run_dir / "eval"
-    evaluation = _workflow([*files, str(CONFIGS / "evaluate.json")],
-                           {**settings, "output_dir": str(eval_dir),
-                            "validate#postprocessing#transforms#3#_disabled_": False})  # fmt: skip
+    evaluation = _workflow(
+        [*files, str(CONFIGS / "evaluate.json")],
+        {**settings, "output_dir": str(eval_dir), "validate#postprocessing#transforms#3#_disabled_": False},
+    )
     evaluation.run()
     evaluation.finalize()
     with open(eval_dir / "organ_metrics_summary.csv") as f:
         rows = {r["organ"]: r for r in csv.DictReader(f)}
-    result = {"loss": loss, "seed": seed, "iterations": n_iter, "s_per_iteration": train_s / max(1, n_iter),
-              "peak_memory_mb": peak_mb, "memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_maxrss",
-              "curve": curve, "dice": {o: float(r["dice"]) for o, r in rows.items() if o != "mean"},
-              "iou": {o: float(r["iou"]) for o, r in rows.items() if o != "mean"},
-              "mean_dice": float(rows["mean"]["dice"]), "mean_iou": float(rows["mean"]["iou"]),
-              # relative to run_dir, so that a moved or cloned study still finds them
-              "predictions": sorted(str(p.relative_to(run_dir)) for p in eval_dir.rglob("*.nii.gz"))}  # fmt: skip
+    result = {
+        "loss": loss,
+        "seed": seed,
+        "iterations": n_iter,
+        "s_per_iteration": train_s / max(1, n_iter),
+        "peak_memory_mb": peak_mb,
+        "memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_maxrss",
+        "curve": curve,
+        "dice": {o: float(r["dice"]) for o, r in rows.items() if o != "mean"},
+        "iou": {o: float(r["iou"]) for o, r in rows.items() if o != "mean"},
+        "mean_dice": float(rows["mean"]["dice"]),
+        "mean_iou": float(rows["mean"]["iou"]),
+        # relative to run_dir, so that a moved or cloned study still finds them
+        "predictions": sorted(str(p.relative_to(run_dir)) for p in eval_dir.rglob("*.nii.gz")),
+    }
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -162,8 +200,14 @@ def small_organ_dice(dice: dict[str, float]) -> float:
 def summarise(results: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
     """Per-loss rows of ``(mean, spread)`` pairs over seeds; columns in table order."""
     organs = list(next(iter(results.values()))[0]["dice"])
-    columns = [*(f"dice_{o}" for o in organs), "mean_dice", "mean_iou", "small_organ_dice", "s_per_iteration",
-               "peak_memory_mb"]  # fmt: skip
+    columns = [
+        *(f"dice_{o}" for o in organs),
+        "mean_dice",
+        "mean_iou",
+        "small_organ_dice",
+        "s_per_iteration",
+        "peak_memory_mb",
+    ]
     table = []
     for loss, runs in results.items():
         row = {"loss": loss, "seeds": len(runs)}
@@ -187,10 +231,12 @@ def write_tables(out: Path, columns: list[str], table: list[dict]) -> None:
     for row in table:
         cells = ["—" if math.isnan(row[c][0]) else f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in columns]
         lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
-    note = ("Mean ± sample standard deviation over seeds (± 0 with one seed). — : the organ is in no validation "
-            "case. small_organ_dice: mean Dice over those of " + ", ".join(SMALL_ORGANS) + " that the validation "
-            "cases hold. peak_memory_mb: peak RSS of the run's process on CPU, "
-            "torch.cuda.max_memory_allocated on CUDA.")  # fmt: skip
+    note = (
+        "Mean ± sample standard deviation over seeds (± 0 with one seed). — : the organ is in no validation "
+        "case. small_organ_dice: mean Dice over those of " + ", ".join(SMALL_ORGANS) + " that the validation "
+        "cases hold. peak_memory_mb: peak RSS of the run's process on CPU, "
+        "torch.cuda.max_memory_allocated on CUDA."
+    )
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
 
 
@@ -199,8 +245,9 @@ def write_commands(out: Path, argv: list[str]) -> None:
     import torch
 
     try:
-        commit = subprocess.run(["git", "-C", str(BUNDLE_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(BUNDLE_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = "unknown"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -210,11 +257,11 @@ def write_commands(out: Path, argv: list[str]) -> None:
 python -m scripts.study {shlex.join(argv)}
 ```
 
-- bundle commit: {commit or 'unknown'}
+- bundle commit: {commit or "unknown"}
 - python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}
 - machine: {platform.platform()}, {platform.processor() or platform.machine()}, {device}
 - torch threads: {torch.get_num_threads()}
-"""  # fmt: skip
+"""
     (out / "commands.md").write_text(text)
 
 
@@ -246,19 +293,30 @@ def _headline_chart(path: Path, table: list[dict], dataset_name: str, plt, np) -
     rows = sorted(table, key=lambda r: -1.0 if math.isnan(r["small_organ_dice"][0]) else r["small_organ_dice"][0])
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7, 1.4 + 0.42 * len(rows)))
-    for offset, key, label, colour in ((0.2, "small_organ_dice", "small organs", "C3"),
-                                       (-0.2, "mean_dice", "all organs", "C0")):  # fmt: skip
+    for offset, key, label, colour in (
+        (0.2, "small_organ_dice", "small organs", "C3"),
+        (-0.2, "mean_dice", "all organs", "C0"),
+    ):
         means, spreads = [r[key][0] for r in rows], [r[key][1] for r in rows]
-        ax.barh(y + offset, means, height=0.4, xerr=spreads, color=colour, label=label,
-                error_kw={"elinewidth": 0.8, "capsize": 2})  # fmt: skip
+        ax.barh(
+            y + offset,
+            means,
+            height=0.4,
+            xerr=spreads,
+            color=colour,
+            label=label,
+            error_kw={"elinewidth": 0.8, "capsize": 2},
+        )
         for k, (v, sd) in enumerate(zip(means, spreads)):
             if not math.isnan(v):  # the value right of its whisker
                 ax.text(v + sd + 0.015, y[k] + offset, f"{v:.2f}", va="center", fontsize=7)
     seeds = max(r["seeds"] for r in rows)
     ax.set_yticks(y, [r["loss"] for r in rows], fontsize=8)
     ax.set_xlim(0, 1.08)
-    ax.set(xlabel="validation Dice (mean" + (f" ± sd over {seeds} seeds)" if seeds > 1 else ", one seed)"),
-           title=f"{dataset_name}: Dice per loss (best on small organs on top)")  # fmt: skip
+    ax.set(
+        xlabel="validation Dice (mean" + (f" ± sd over {seeds} seeds)" if seeds > 1 else ", one seed)"),
+        title=f"{dataset_name}: Dice per loss (best on small organs on top)",
+    )
     ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
@@ -294,8 +352,9 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     ax.set_xticks(range(len(organs)), organs, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(table)), [row["loss"] for row in table], fontsize=8)
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6,
-                color="k" if v > 0.6 else "w")  # readable on viridis' bright end
+        ax.text(
+            j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6, color="k" if v > 0.6 else "w"
+        )  # readable on viridis' bright end
     fig.colorbar(image, ax=ax, label="Dice")
     fig.tight_layout()
     fig.savefig(out / "organ_dice_heatmap.png", dpi=120)
@@ -343,8 +402,9 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
 
 def train_in_child(argv: list[str], loss: str, seed: int) -> None:
     """One run in a child process: its own peak memory, and no state carried between losses."""
-    subprocess.run([sys.executable, "-m", "scripts.study", *argv, "--run-one", loss, str(seed)], cwd=BUNDLE_ROOT,
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "scripts.study", *argv, "--run-one", loss, str(seed)], cwd=BUNDLE_ROOT, check=True
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,13 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--iterations", type=int, help="training iterations per run")
     length.add_argument("--budget-minutes", type=float, help="wall-clock training budget of the whole study")
-    parser.add_argument("--max-iterations", type=int, default=100_000,
-                        help="with --budget-minutes: iteration cap, and the cosine schedule's length")
+    parser.add_argument(
+        "--max-iterations",
+        type=int,
+        default=100_000,
+        help="with --budget-minutes: iteration cap, and the cosine schedule's length",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="runs per loss, seeds 0..N-1")
     parser.add_argument("--val-points", type=int, default=DEFAULT_VAL_POINTS, help="validations per run")
     parser.add_argument("--out", type=Path, default=BUNDLE_ROOT / "docs" / "study")
-    parser.add_argument("--set", action="append", metavar="KEY=JSON", help="extra bundle override, e.g. "
-                        "'patch_size=[32,32,32]'; repeatable; the same for every run")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=JSON",
+        help="extra bundle override, e.g. 'patch_size=[32,32,32]'; repeatable; the same for every run",
+    )
     parser.add_argument("--run-one", nargs=2, metavar=("LOSS", "SEED"), help=argparse.SUPPRESS)
     return parser
 
@@ -377,8 +445,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     out = args.out.resolve()
     if args.run_one:
         loss, seed = args.run_one[0], int(args.run_one[1])
-        run_single(loss, seed, args.dataset_dir.resolve(), out / "runs" / loss / f"seed{seed}", args.iterations,
-                   budget_s, args.val_points, _overrides(args), args.max_iterations)  # fmt: skip
+        run_single(
+            loss,
+            seed,
+            args.dataset_dir.resolve(),
+            out / "runs" / loss / f"seed{seed}",
+            args.iterations,
+            budget_s,
+            args.val_points,
+            _overrides(args),
+            args.max_iterations,
+        )
         return {}
     _overrides(args)  # fail on a bad --set before any run starts
     results: dict[str, list[dict]] = {loss: [] for loss in losses}

@@ -216,7 +216,9 @@ class _ChunkedIndexSums(torch.autograd.Function):
             stop = start + chunk.shape[-1]
             rest_out = None if log_rest is None else log_rest[:, :, start:stop]
             chunk_sums.append(
-                _chunk_sums(chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out, exact_tiny)
+                _chunk_sums(
+                    chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out, exact_tiny
+                )
             )
         total = torch.stack(chunk_sums).sum(0)  # pairwise over the chunks, not one after the other
         if not exact_tiny and log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any()):
@@ -239,8 +241,17 @@ class _ChunkedIndexSums(torch.autograd.Function):
             for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, ctx.step):
                 stop = start + chunk.shape[-1]
                 rest = None if log_rest is None else log_rest[:, :, start:stop]
-                _chunk_grad_(grad[:, :, start:stop], rest, chunk, chunk_labels, chunk_mask, ctx.softmax, ctx.beta,
-                             grad_sums, any_tiny)
+                _chunk_grad_(
+                    grad[:, :, start:stop],
+                    rest,
+                    chunk,
+                    chunk_labels,
+                    chunk_mask,
+                    ctx.softmax,
+                    ctx.beta,
+                    grad_sums,
+                    any_tiny,
+                )
         return grad.to(logits.dtype), None, None, None, None
 
 

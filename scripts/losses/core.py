@@ -482,22 +482,32 @@ class _FusedIndexOverlap(torch.autograd.Function):
 
 
 def softmax_overlap_stats_and_log_likelihood(
-    input: torch.Tensor, encoded: EncodedTarget, include_background: bool = True, batch: bool = False,
+    input: torch.Tensor,
+    encoded: EncodedTarget,
+    include_background: bool = True,
+    batch: bool = False,
     squared_pred: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``activated_overlap_stats(softmax=True)`` for an index target with multi-channel logits, plus
     ``log p[target]`` ``(B, voxels)`` from the same log-softmax (unmasked), for a cross-entropy term: Dice + CE
     then cost one log-softmax and one fused backward."""
-    *stats, log_at_target = _fused_index_stats(input, encoded, "softmax", include_background, batch, squared_pred,
-                                               with_log_likelihood=True)  # fmt: skip
+    *stats, log_at_target = _fused_index_stats(
+        input, encoded, "softmax", include_background, batch, squared_pred, with_log_likelihood=True
+    )
     return *stats, log_at_target
 
 
 def _fused_index_stats(input, encoded, activation, include_background, batch, squared_pred, with_log_likelihood=False):
     """``(tp, fp, fn)`` of an index target through ``_FusedIndexOverlap``, plus ``log p[target]`` if asked."""
     check_input(input)
-    outputs = _FusedIndexOverlap.apply(flatten_probs(input), encoded.indices, encoded.mask_weight, activation,
-                                       2 if squared_pred else 1, with_log_likelihood)  # fmt: skip
+    outputs = _FusedIndexOverlap.apply(
+        flatten_probs(input),
+        encoded.indices,
+        encoded.mask_weight,
+        activation,
+        2 if squared_pred else 1,
+        with_log_likelihood,
+    )
     stats = select_classes(outputs[:3], encoded.num_classes, include_background, batch)
     return (*stats, *outputs[3:])
 

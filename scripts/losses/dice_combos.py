@@ -39,9 +39,7 @@ def cross_entropy_term(
     ``(B, 1, N)`` for ``"none"``.
     """
     if encoded.indices is not None:
-        per_voxel = F.cross_entropy(
-            logits, encoded.indices, weight, reduction="none", label_smoothing=label_smoothing
-        )
+        per_voxel = F.cross_entropy(logits, encoded.indices, weight, reduction="none", label_smoothing=label_smoothing)
         counts = torch.ones_like(per_voxel) if weight is None else weight[encoded.indices]
         mask = encoded.mask
     else:

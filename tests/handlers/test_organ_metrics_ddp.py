@@ -81,6 +81,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         "organ_metrics.csv",
         "organ_metrics_summary.csv",
     ]
+
     def rows(folder):
         with open(tmp_path / folder / "organ_metrics.csv") as f:
             return list(csv.reader(f))

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.losses import LOSSES, get_loss
-from scripts.losses import combo
+from scripts.losses import LOSSES, combo, get_loss
 from scripts.losses.combo import ComboLoss, log1m_softmax
 from scripts.losses.core import LossInputError
 
@@ -125,10 +124,17 @@ def test_equals_dense_reference(spatial, kind, activation):
             logits = torch.rand(logits.shape, generator=generator) * 0.98 + 0.01  # probabilities
         activate = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, 1), None: lambda x: x}
         probs = activate[activation](logits)
-        weight = [0.5, 2.0, 1.5][(0 if include_background else 1):] if weighted else None
+        weight = [0.5, 2.0, 1.5][(0 if include_background else 1) :] if weighted else None
         kwargs = dict(
-            include_background=include_background, to_onehot_y=kind == "index", sigmoid=activation == "sigmoid",
-            softmax=activation == "softmax", alpha=0.3, beta=0.8, reduction=reduction, batch=batch, weight=weight,
+            include_background=include_background,
+            to_onehot_y=kind == "index",
+            sigmoid=activation == "sigmoid",
+            softmax=activation == "softmax",
+            alpha=0.3,
+            beta=0.8,
+            reduction=reduction,
+            batch=batch,
+            weight=weight,
             ignore_index=ignore_index,
         )
         actual = ComboLoss(**kwargs)(logits, labels if kind == "index" else onehot)

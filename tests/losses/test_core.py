@@ -325,8 +325,20 @@ def test_fused_path_supports_a_second_backward_through_the_graph(activation):
 # input as a user types it (issue 11): command-line strings, a swapped loss, empty batches, bad one-hot values
 
 
-@pytest.mark.parametrize("typed, expected", [("false", False), ("False", False), ("0", False), ("no", False),
-                                             ("true", True), ("TRUE", True), ("1", True), ("yes", True), (0, False)])
+@pytest.mark.parametrize(
+    "typed, expected",
+    [
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        (0, False),
+    ],
+)
 def test_switches_read_what_a_command_line_gives(typed, expected):
     from scripts.losses import DiceLoss, FocalLoss, LovaszSoftmaxLoss
 

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
 from scripts.losses import DiceLoss, IoULoss, JaccardLoss
 from scripts.losses.core import LossInputError
-
-from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
 
 def assert_same_as_monai(kwargs, logits, target, ours=DiceLoss, theirs=monai.losses.DiceLoss):

@@ -157,12 +157,22 @@ def test_dice_ce_ignore_index_equals_monai_dice_plus_torch_ce(ignore_index, redu
     logits, labels = make_case((4, 5, 3), 3, "index", ignore_index=ignore_index, seed=7)
     weight = torch.tensor([0.5, 1.0, 2.0])
     ours = DiceCELoss(
-        include_background=include_background, to_onehot_y=True, softmax=True, weight=weight, reduction=reduction,
-        label_smoothing=0.05, lambda_dice=0.4, ignore_index=ignore_index,
+        include_background=include_background,
+        to_onehot_y=True,
+        softmax=True,
+        weight=weight,
+        reduction=reduction,
+        label_smoothing=0.05,
+        lambda_dice=0.4,
+        ignore_index=ignore_index,
     )
     dice = monai.losses.DiceLoss(
-        include_background=include_background, to_onehot_y=True, softmax=True, reduction=reduction,
-        weight=weight if include_background else weight[1:], ignore_index=ignore_index,
+        include_background=include_background,
+        to_onehot_y=True,
+        softmax=True,
+        reduction=reduction,
+        weight=weight if include_background else weight[1:],
+        ignore_index=ignore_index,
     )
     cross_entropy = torch.nn.CrossEntropyLoss(
         weight, reduction=reduction, label_smoothing=0.05, ignore_index=ignore_index

@@ -143,7 +143,7 @@ def test_hand_computed_per_pixel_values():
     # the same from class indices (voxel 0 is class 0, voxel 1 class 1) and softmax: -(1 - p_y)^gamma log p_y
     labels = torch.tensor([[[0, 1]]])
     p = torch.softmax(logits, 1)
-    soft = [-(1 - p[0, 0, 0]) ** gamma * torch.log(p[0, 0, 0]), -(1 - p[0, 1, 1]) ** gamma * torch.log(p[0, 1, 1])]
+    soft = [-((1 - p[0, 0, 0]) ** gamma) * torch.log(p[0, 0, 0]), -((1 - p[0, 1, 1]) ** gamma) * torch.log(p[0, 1, 1])]
     actual = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=gamma, reduction="mean")(logits, labels)
     torch.testing.assert_close(actual, (soft[0] + soft[1]) / 4, **TOL)  # mean over B * C * N = 4 elements
 

@@ -104,9 +104,7 @@ def test_ignored_voxels_equal_removing_them():
 def test_weight_multiplies_the_class_weights():
     logits, labels = make_case(seed=4, absent_class=False)
     with_weight = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, w_type="uniform", weight=[0.0, 1.0, 1.0, 1.0])
-    without_background = GeneralizedDiceLoss(
-        to_onehot_y=True, softmax=True, w_type="uniform", include_background=False
-    )
+    without_background = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, w_type="uniform", include_background=False)
     torch.testing.assert_close(with_weight(logits, labels), without_background(logits, labels))
     with pytest.raises(LossInputError, match="weight has 2 values but the loss has 4 classes"):
         GeneralizedDiceLoss(to_onehot_y=True, softmax=True, weight=[1.0, 2.0])(logits, labels)

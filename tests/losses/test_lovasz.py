@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from scripts.losses import LOSSES, get_loss
-from scripts.losses.core import LossInputError
-from scripts.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_grad, lovasz_weights
 from lovasz_reference import (
     lovasz_grad_reference,
     lovasz_hinge_reference,
     lovasz_softmax_reference,
     reduce_table_reference,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from scripts.losses import LOSSES, get_loss
+from scripts.losses.core import LossInputError
+from scripts.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_grad, lovasz_weights
 
 SENTINEL = 255
 TOL = {"rtol": 1e-6, "atol": 1e-6}
@@ -41,8 +41,19 @@ def make_batch(spatial, num_classes=3, batch=2, to_onehot_y=True, ignore=None, s
     return logits, onehot * (labels != SENTINEL), ignore_index
 
 
-def reference(kind, logits, target, to_onehot_y, ignore_index=None, include_background=True, per_image=None,
-              classes="present", weight=None, reduction="mean", softmax=True):
+def reference(
+    kind,
+    logits,
+    target,
+    to_onehot_y,
+    ignore_index=None,
+    include_background=True,
+    per_image=None,
+    classes="present",
+    weight=None,
+    reduction="mean",
+    softmax=True,
+):
     """The loss through the loop reference: dense target, valid mask, then Algorithm 1 per image and class."""
     num_classes = logits.shape[1]
     if to_onehot_y:
@@ -171,8 +182,9 @@ SPATIAL = {"2d": (5, 6), "3d": (3, 4, 5)}
 @pytest.mark.parametrize("include_background", [True, False])
 def test_softmax_matches_reference(dims, per_image, classes, to_onehot_y, ignore, include_background):
     logits, target, ignore_index = make_batch(SPATIAL[dims], 4, 3, to_onehot_y, ignore, seed=len(dims) + per_image)
-    kwargs = dict(include_background=include_background, per_image=per_image, classes=classes,
-                  ignore_index=ignore_index)
+    kwargs = dict(
+        include_background=include_background, per_image=per_image, classes=classes, ignore_index=ignore_index
+    )
     loss = LovaszSoftmaxLoss(to_onehot_y=to_onehot_y, **kwargs)
     value, grad = value_and_grad(lambda x: loss(x, target), logits)
     expected, expected_grad = value_and_grad(lambda x: reference("softmax", x, target, to_onehot_y, **kwargs), logits)
@@ -216,9 +228,14 @@ def test_classes_absent_from_every_image_are_skipped_exactly(reduction, per_imag
 def test_weight_and_reduction_match_reference(kind, reduction, per_image, include_background):
     logits, target, ignore_index = make_batch((4, 3, 5), 4, 2, True, "sentinel", seed=11)
     target[0] = target[0].where(target[0] != 2, 0)  # class 2 absent from image 0: "present" differs per image
-    weight = [0.5, 2.0, 1.0, 3.0][1 - include_background:]
-    kwargs = dict(include_background=include_background, per_image=per_image, weight=weight,
-                  reduction=reduction, ignore_index=ignore_index)
+    weight = [0.5, 2.0, 1.0, 3.0][1 - include_background :]
+    kwargs = dict(
+        include_background=include_background,
+        per_image=per_image,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
     cls = LovaszSoftmaxLoss if kind == "softmax" else LovaszHingeLoss
     loss = cls(to_onehot_y=True, **kwargs)
     value, grad = value_and_grad(lambda x: loss(x, target), logits)
@@ -234,7 +251,8 @@ def test_none_reduction_broadcasts_against_input():
     assert per_image(logits, target).shape == (2, 4, 1, 1, 1)
     assert LovaszSoftmaxLoss(to_onehot_y=True, reduction="none")(logits, target).shape == (1, 4, 1, 1, 1)
     assert LovaszHingeLoss(to_onehot_y=True, reduction="none", include_background=False)(
-        logits[..., 0], target[..., 0]).shape == (2, 3, 1, 1)
+        logits[..., 0], target[..., 0]
+    ).shape == (2, 3, 1, 1)
 
 
 def test_softmax_soft_labels_and_other_act_match_reference():
@@ -297,15 +315,20 @@ def test_gradcheck_float64(cls, per_image):
 @pytest.mark.parametrize("per_image", [True, False])
 def test_all_ignored_gives_zero_loss_and_gradient(cls, per_image):
     logits, target, _ = make_batch((4, 5), 3, 2)
-    value, grad = value_and_grad(lambda x: cls(to_onehot_y=True, per_image=per_image, ignore_index=SENTINEL)(
-        x, torch.full_like(target, SENTINEL)), logits)
+    value, grad = value_and_grad(
+        lambda x: cls(to_onehot_y=True, per_image=per_image, ignore_index=SENTINEL)(
+            x, torch.full_like(target, SENTINEL)
+        ),
+        logits,
+    )
     assert value == 0 and torch.all(grad == 0)
 
 
 def test_all_background_without_background_class_is_zero():
     logits, target, _ = make_batch((4, 5), 3, 2)
     value, grad = value_and_grad(
-        lambda x: LovaszSoftmaxLoss(to_onehot_y=True, include_background=False)(x, torch.zeros_like(target)), logits)
+        lambda x: LovaszSoftmaxLoss(to_onehot_y=True, include_background=False)(x, torch.zeros_like(target)), logits
+    )
     assert value == 0 and torch.all(grad == 0)
 
 
@@ -344,15 +367,24 @@ def test_autocast_changes_nothing(cls):
 @st.composite
 def batches(draw):
     spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=3)))
-    return dict(spatial=spatial, num_classes=draw(st.integers(2, 4)), batch=draw(st.integers(1, 3)),
-                seed=draw(st.integers(0, 2**16)), ignore=draw(st.sampled_from([None, "sentinel"])))
+    return dict(
+        spatial=spatial,
+        num_classes=draw(st.integers(2, 4)),
+        batch=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**16)),
+        ignore=draw(st.sampled_from([None, "sentinel"])),
+    )
 
 
 @given(batches(), st.booleans(), st.sampled_from(["present", "all"]))
 def test_property_non_negative(spec, per_image, classes):
     logits, target, ignore_index = make_batch(**spec)
-    assert LovaszSoftmaxLoss(to_onehot_y=True, per_image=per_image, classes=classes,
-                             ignore_index=ignore_index)(logits, target) >= 0
+    assert (
+        LovaszSoftmaxLoss(to_onehot_y=True, per_image=per_image, classes=classes, ignore_index=ignore_index)(
+            logits, target
+        )
+        >= 0
+    )
     assert LovaszHingeLoss(to_onehot_y=True, per_image=per_image, ignore_index=ignore_index)(logits, target) >= 0
 
 
@@ -363,8 +395,12 @@ def test_property_zero_at_perfect_prediction(spec, per_image, margin):
     # confident logits: every margin x s >= 1, so every hinge error is <= 0
     logits = (2 * onehot - 1) * margin
     assert LovaszHingeLoss(to_onehot_y=True, per_image=per_image, ignore_index=ignore_index)(logits, target) == 0
-    assert LovaszSoftmaxLoss(to_onehot_y=True, softmax=False, per_image=per_image,
-                             ignore_index=ignore_index)(onehot, target) == 0
+    assert (
+        LovaszSoftmaxLoss(to_onehot_y=True, softmax=False, per_image=per_image, ignore_index=ignore_index)(
+            onehot, target
+        )
+        == 0
+    )
 
 
 @given(batches(), st.booleans(), st.sampled_from([LovaszSoftmaxLoss, LovaszHingeLoss]))
@@ -397,8 +433,14 @@ def test_property_per_image_mean_ignores_batch_order(spec, cls):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(reduction="avg"), dict(classes="some"), dict(weight=[1.0, -1.0, 1.0]), dict(ignore_index=1.5),
-     dict(other_act=torch.sigmoid), dict(softmax=False, other_act="sigmoid")],
+    [
+        dict(reduction="avg"),
+        dict(classes="some"),
+        dict(weight=[1.0, -1.0, 1.0]),
+        dict(ignore_index=1.5),
+        dict(other_act=torch.sigmoid),
+        dict(softmax=False, other_act="sigmoid"),
+    ],
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(LossInputError):

@@ -14,8 +14,7 @@ import torch
 from monai.bundle import ConfigParser
 
 import scripts.losses as losses
-from scripts.losses import core
-from scripts.losses import LOSSES, LossInputError, get_loss
+from scripts.losses import LOSSES, LossInputError, core, get_loss
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = {
@@ -99,8 +98,17 @@ def test_bundle_config_instantiates_by_name_or_class(config):
 
 
 def test_a_monai_config_works_unchanged_with_our_class():
-    config = {"_target_": "monai.losses.DiceLoss", "to_onehot_y": True, "softmax": True, "include_background": False,
-              "squared_pred": True, "batch": True, "smooth_nr": 0.0, "smooth_dr": 1e-6, "ignore_index": 255}
+    config = {
+        "_target_": "monai.losses.DiceLoss",
+        "to_onehot_y": True,
+        "softmax": True,
+        "include_background": False,
+        "squared_pred": True,
+        "batch": True,
+        "smooth_nr": 0.0,
+        "smooth_dr": 1e-6,
+        "ignore_index": 255,
+    }
     theirs = ConfigParser({"loss": config}).get_parsed_content("loss")
     ours = ConfigParser({"loss": {**config, "_target_": "scripts.losses.DiceLoss"}}).get_parsed_content("loss")
     logits, labels = torch.randn(2, 4, 5, 6), torch.randint(0, 4, (2, 1, 5, 6))
@@ -141,4 +149,6 @@ def test_a_missing_family_module_is_an_import_error():
     """A typo or a deleted module must fail loudly, not drop a loss from the registry."""
     code = "import sys; sys.modules['scripts.losses.lovasz'] = None\nimport scripts.losses"
     result = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "scripts.losses.lovasz" in result.stderr
+    assert (
+        result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "scripts.losses.lovasz" in result.stderr
+    )

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
 from scripts.losses import FocalTverskyLoss, TverskyLoss
 from scripts.losses.core import LossInputError
-
-from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
 
 @pytest.mark.parametrize("spatial", [(5, 4), (4, 3, 5)], ids=["2d", "3d"])
@@ -43,8 +42,8 @@ def test_equals_monai_tversky(spatial, activation, target_kind, ignore):
             value, grad = loss_and_grad(TverskyLoss(**kwargs), logits, target)
             expected, expected_grad = loss_and_grad(monai.losses.TverskyLoss(**kwargs), logits, target)
         assert value.shape == expected.shape, kwargs
-        torch.testing.assert_close(value, expected, **TOL, msg=lambda m: f"{kwargs}: {m}")
-        torch.testing.assert_close(grad, expected_grad, **TOL, msg=lambda m: f"{kwargs}: {m}")
+        torch.testing.assert_close(value, expected, **TOL, msg=lambda m, kwargs=kwargs: f"{kwargs}: {m}")
+        torch.testing.assert_close(grad, expected_grad, **TOL, msg=lambda m, kwargs=kwargs: f"{kwargs}: {m}")
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -100,15 +99,22 @@ def test_focal_tversky_powers_each_class_not_the_mean():
     probs, labels = tiny_probabilities()
     tversky = TverskyLoss(to_onehot_y=True, alpha=0.3, beta=0.7, reduction="none")(probs, labels)
     focal = FocalTverskyLoss(to_onehot_y=True)(probs, labels)
-    torch.testing.assert_close(focal, (tversky ** 0.75).mean())
+    torch.testing.assert_close(focal, (tversky**0.75).mean())
     assert not torch.isclose(focal, tversky.mean() ** 0.75)
 
 
 @pytest.mark.parametrize("target_kind", ["index", "soft"])
 def test_focal_tversky_with_gamma_one_is_tversky(target_kind):
     logits, target, ignore_index, to_onehot_y = make_case((4, 3, 5), target_kind, "sentinel")
-    kwargs = dict(to_onehot_y=to_onehot_y, softmax=True, ignore_index=ignore_index, alpha=0.3, beta=0.7,
-                  soft_label=target_kind == "soft", reduction="none")
+    kwargs = dict(
+        to_onehot_y=to_onehot_y,
+        softmax=True,
+        ignore_index=ignore_index,
+        alpha=0.3,
+        beta=0.7,
+        soft_label=target_kind == "soft",
+        reduction="none",
+    )
     torch.testing.assert_close(
         FocalTverskyLoss(gamma=1.0, **kwargs)(logits, target),
         TverskyLoss(**kwargs)(logits, target),

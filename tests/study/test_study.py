@@ -14,14 +14,40 @@ from bundle_helpers import TINY, make_tiny_phantom  # noqa: E402
 from scripts import study  # noqa: E402
 
 LOSSES = ["dice", "focal"]
-ORGANS = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-          "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland", "left adrenal gland"]  # fmt: skip
+ORGANS = [
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "portal and splenic veins",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
+]
 
 
 def _argv(phantom, out):
     shrink = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
-    return ["--dataset_dir", str(phantom), "--losses", ",".join(LOSSES), "--iterations", "2", "--val-points", "2",
-            "--seeds", "1", "--out", str(out), *shrink]  # fmt: skip
+    return [
+        "--dataset_dir",
+        str(phantom),
+        "--losses",
+        ",".join(LOSSES),
+        "--iterations",
+        "2",
+        "--val-points",
+        "2",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        *shrink,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +103,14 @@ def test_second_invocation_skips_finished_runs(study_run, capsys, monkeypatch):
 
 def test_summary_is_mean_and_sample_spread_over_seeds():
     def run(seed, dice):
-        return {"seed": seed, "dice": {o: dice for o in ORGANS}, "mean_dice": dice, "mean_iou": dice / 2,
-                "s_per_iteration": 1.0 + seed, "peak_memory_mb": 100.0}  # fmt: skip
+        return {
+            "seed": seed,
+            "dice": {o: dice for o in ORGANS},
+            "mean_dice": dice,
+            "mean_iou": dice / 2,
+            "s_per_iteration": 1.0 + seed,
+            "peak_memory_mb": 100.0,
+        }
 
     columns, table = study.summarise({"x": [run(0, 0.2), run(1, 0.4)]})
     assert columns[: len(ORGANS)] == [f"dice_{o}" for o in ORGANS]
@@ -93,8 +125,20 @@ def test_small_organ_mean_skips_organs_absent_from_validation():
     expected = (0.9 + 0.9 + 0.5 + 0.9) / 4  # gallbladder, right adrenal, pancreas, portal/splenic veins
     assert study.small_organ_dice(dice) == pytest.approx(expected)
     assert math.isnan(study.small_organ_dice({o: math.nan for o in ORGANS}))
-    columns, table = study.summarise({"x": [{"seed": 0, "dice": dice, "mean_dice": 0.8, "mean_iou": 0.7,
-                                              "s_per_iteration": 1.0, "peak_memory_mb": 1.0}]})  # fmt: skip
+    columns, table = study.summarise(
+        {
+            "x": [
+                {
+                    "seed": 0,
+                    "dice": dice,
+                    "mean_dice": 0.8,
+                    "mean_iou": 0.7,
+                    "s_per_iteration": 1.0,
+                    "peak_memory_mb": 1.0,
+                }
+            ]
+        }
+    )
     assert table[0]["small_organ_dice"] == pytest.approx((expected, 0.0))
     assert math.isnan(table[0]["dice_esophagus"][0])
 
