@@ -659,17 +659,28 @@ def _dense_stats(
     return tp, pred_volume - tp, target_volume - tp
 
 
+WITHOUT_BACKGROUND_HINT = "with include_background=False the weight must not include the background class 0"
+
+
+def check_weight_length(
+    weight: torch.Tensor | None, num_classes: int, hint: str = WITHOUT_BACKGROUND_HINT, single_class_ok: bool = True
+) -> torch.Tensor | None:
+    """``weight`` if it is a number or holds one value per class, else a ``LossInputError`` that says so (with
+    ``hint``). ``single_class_ok=False``: MONAI's FocalLoss also refuses a per-class weight for one channel."""
+    if weight is None or weight.ndim == 0:
+        return weight
+    if weight.numel() != num_classes or (num_classes == 1 and not single_class_ok):
+        classes = f"{num_classes} class" if num_classes == 1 else f"{num_classes} classes"
+        raise LossInputError(f"weight has {weight.numel()} values but the loss has {classes} ({hint}).")
+    return weight
+
+
 def apply_class_weight(per_class: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Multiply the last (class) axis by ``weight``, as MONAI's DiceLoss: skipped for a single class."""
     num_classes = per_class.shape[-1]
     if weight is None or num_classes == 1:
         return per_class
-    if weight.ndim == 1 and weight.shape[0] != num_classes:
-        raise LossInputError(
-            f"weight has {weight.shape[0]} values but the loss has {num_classes} classes "
-            "(with include_background=False the weight must not include the background class 0)."
-        )
-    return per_class * weight.to(per_class)
+    return per_class * check_weight_length(weight, num_classes).to(per_class)
 
 
 def reduce_loss(

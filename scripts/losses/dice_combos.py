@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from .core import (
     EncodedTarget,
-    LossInputError,
     SegmentationLoss,
     check_probability,
     check_range,
+    check_weight_length,
     compute_dtype,
     encode_target,
     flatten_probs,
@@ -205,15 +205,9 @@ class DiceCELoss(SegmentationLoss):
 
     def _ce_weight(self, num_classes: int, like: torch.Tensor) -> torch.Tensor | None:
         """The CE class weight as ``num_classes`` values in ``like``'s dtype, or None."""
-        weight = self.class_weight
-        if weight is None:
-            return None
-        if weight.ndim == 1 and weight.numel() != num_classes:
-            raise LossInputError(
-                f"weight has {weight.numel()} values but the input has {num_classes} channel(s): DiceCELoss "
-                "takes one value per channel including the background (the Dice term drops it itself)."
-            )
-        return weight.to(like).expand(num_classes)
+        hint = "DiceCELoss takes one value per channel including the background; the Dice term drops it itself"
+        weight = check_weight_length(self.class_weight, num_classes, hint)
+        return None if weight is None else weight.to(like).expand(num_classes)
 
     def cross_entropy(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The CE term alone (softmax CE for N > 1 channels, BCE for one), reduced as ``reduction``."""

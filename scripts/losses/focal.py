@@ -20,6 +20,7 @@ from .core import (
     check_flag,
     check_probability,
     check_range,
+    check_weight_length,
     class_sums,
     compute_dtype,
     first_class,
@@ -274,16 +275,10 @@ class FocalLoss(SegmentationLoss):
 
     def _channel_weight(self, num_channels: int, like: torch.Tensor) -> torch.Tensor | None:
         """The class weight as ``(C',)`` or a scalar; MONAI refuses a per-class weight for a single channel."""
-        weight = self.class_weight
-        if weight is None:
-            return None
-        if weight.ndim == 1 and (num_channels == 1 or weight.numel() != num_channels):
-            raise LossInputError(
-                f"weight has {weight.numel()} values but the loss has {num_channels} channel(s): give one value "
-                "per channel used (without the background class 0 when include_background=False), or a number "
-                "for a single channel."
-            )
-        return weight.to(like)
+        hint = "one value per channel used, without the background class 0 when include_background=False, or a "
+        hint += "number for a single channel"
+        weight = check_weight_length(self.class_weight, num_channels, hint, single_class_ok=False)
+        return None if weight is None else weight.to(like)
 
     @staticmethod
     def _none(loss: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor | None, shape) -> torch.Tensor:
