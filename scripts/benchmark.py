@@ -543,7 +543,7 @@ class Row:
     failures: list[str]
 
     @classmethod
-    def of(cls, runs: list[Run], voxels: int) -> "Row":
+    def of(cls, runs: list[Run], voxels: int) -> Row:
         done = [r for r in runs if r.error is None]
         failures = [r.error for r in runs if r.error is not None]
         if not done:

@@ -352,7 +352,7 @@ def write_mask(mask: np.ndarray, item: dict, target: Path, organ_names: dict[str
 
 def write_volumes_csv(path: Path, rows: list[dict], organ_names: dict[str, str]) -> None:
     """One row per written mask: the input, the mask, the voxel volume and every organ's volume in mL."""
-    labels = sorted((int(k) for k in organ_names if int(k) > 0))
+    labels = sorted(int(k) for k in organ_names if int(k) > 0)
     columns = ["image", "mask", "voxel_volume_ml"] + [f"{organ_names[str(k)]} (mL)" for k in labels]
 
     def write(tmp: str) -> None:

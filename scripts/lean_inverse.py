@@ -86,7 +86,7 @@ def inverted_argmax(scores: torch.Tensor, reference: MetaTensor, transform: Inve
     """
     best = labels = template = None
     for start in range(0, scores.shape[0], chunk_size):
-        chunk = invert_channels(scores[start:start + chunk_size], reference, transform, orig_key)
+        chunk = invert_channels(scores[start : start + chunk_size], reference, transform, orig_key)
         template = MetaTensor(torch.empty(0), meta=chunk.meta, applied_operations=chunk.applied_operations)
         inverted = chunk.as_tensor()
         del chunk  # only ``inverted`` keeps the chunk's voxels, and it goes at the end of the iteration
@@ -125,7 +125,7 @@ def inverse_stages(transform: InvertibleTransform, reference: MetaTensor, orig_k
     last = len(classes) - 1 - classes[::-1].index(RESAMPLE)
     if not set(classes[:last]) <= VOXEL_PERMUTATIONS:
         return None
-    return InverseStages(invertible[:last], invertible[last], invertible[last + 1:])
+    return InverseStages(invertible[:last], invertible[last], invertible[last + 1 :])
 
 
 def undo(steps: list[InvertibleTransform], image: MetaTensor, orig_key: Hashable) -> MetaTensor:
@@ -141,8 +141,9 @@ def resample_slab(channels: torch.Tensor, network_grid: MetaTensor, resample: In
     """Slices ``start:stop`` (last axis) of the resampling's inverse of ``channels`` (on ``network_grid``, whose
     last recorded operation is the resampling): the same inverse, asked for a grid of those slices only, whose
     affine is the full grid's moved by ``start`` voxels along that axis."""
-    slab = MetaTensor(channels, meta=deepcopy(network_grid.meta),
-                      applied_operations=deepcopy(network_grid.applied_operations))  # the inverse edits its record
+    slab = MetaTensor(
+        channels, meta=deepcopy(network_grid.meta), applied_operations=deepcopy(network_grid.applied_operations)
+    )  # the inverse edits its record
     record = slab.applied_operations[-1]
     record["orig_size"] = (*record["orig_size"][:-1], stop - start)
     shift = torch.eye(4, dtype=torch.float64)
@@ -166,7 +167,7 @@ def slab_argmax(scores: torch.Tensor, reference: MetaTensor, stages: InverseStag
         stop = min(start + depth, full_shape[-1])
         best = None
         for first in range(0, scores.shape[0], chunk_size):
-            chunk = network_grid.as_tensor()[first:first + chunk_size]
+            chunk = network_grid.as_tensor()[first : first + chunk_size]
             inverted = resample_slab(chunk, network_grid, stages.resample, orig_key, start, stop)
             best = running_argmax(inverted, first, best, labels[..., start:stop])
     on_resampled_grid = MetaTensor(labels[None], meta={**deepcopy(network_grid.meta), "affine": full_affine},
@@ -218,13 +219,17 @@ class InvertArgmaxd(MapTransform):
         scores = scores.detach()
         if not torch.isfinite(scores).all():  # argmax would silently pick a NaN channel
             source = reference.meta.get("filename_or_obj", "an image")
-            raise ValueError(f"InvertArgmaxd: the network output for {source} holds NaN or infinite values; check "
-                             "the image's intensities and the checkpoint.")
+            raise ValueError(
+                f"InvertArgmaxd: the network output for {source} holds NaN or infinite values; check "
+                "the image's intensities and the checkpoint."
+            )
         stages = inverse_stages(self.transform, reference, orig_key) if self.slab_voxels else None
         if stages is not None:
             labels = slab_argmax(scores, reference, stages, orig_key, self.chunk_size, self.slab_voxels)
-            return MetaTensor(labels.as_tensor().to(self.dtype), meta=labels.meta,
-                              applied_operations=labels.applied_operations)
+            return MetaTensor(
+                labels.as_tensor().to(self.dtype), meta=labels.meta, applied_operations=labels.applied_operations
+            )
         labels, template = inverted_argmax(scores, reference, self.transform, orig_key, self.chunk_size)
-        return MetaTensor(labels[None].to(self.dtype), meta=template.meta,
-                          applied_operations=template.applied_operations)
+        return MetaTensor(
+            labels[None].to(self.dtype), meta=template.meta, applied_operations=template.applied_operations
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, infer_args, phantom_volumes, save_nifti
+from conftest import BUNDLE_ROOT, infer_args, save_nifti
 from monai.bundle import ConfigWorkflow
 
 from scripts.infer import main
@@ -79,7 +78,8 @@ def test_sidecar_names_every_label(inferred):
 
 
 def test_volumes_csv_counts_times_voxel_volume(inferred, ct_folder):
-    rows = {Path(r["image"]).name: r for r in csv.DictReader(open(inferred / "v.csv"))}
+    with open(inferred / "v.csv") as stream:
+        rows = {Path(r["image"]).name: r for r in csv.DictReader(stream)}
     assert sorted(rows) == sorted(f"{n}.nii.gz" for n in NAMES)
     for name in NAMES:
         mask = nib.load(inferred / f"{name}_seg.nii.gz")

@@ -341,7 +341,8 @@ def test_missing_applied_operations_is_an_error():
     from monai.transforms import Orientationd
 
     with pytest.raises(ValueError, match="MetaTensor"):
-        InvertArgmaxd("pred", Orientationd("image", "RAS"), "image")({"pred": torch.rand(3, 4, 4, 4),
-                                                                       "image": np.zeros((1, 4, 4, 4))})
+        InvertArgmaxd("pred", Orientationd("image", "RAS"), "image")(
+            {"pred": torch.rand(3, 4, 4, 4), "image": np.zeros((1, 4, 4, 4))}
+        )
     with pytest.raises(ValueError, match="chunk_size"):
         InvertArgmaxd("pred", Orientationd("image", "RAS"), "image", chunk_size=0)
