@@ -235,6 +235,15 @@ def test_training_keeps_the_shipped_model_aside(bundle, phantom):
     assert digest(bundle / "models" / "model.pt") != shipped  # the new best model where MONAI Label looks for it
     notes = [line for line in lines if "was not written by this run: kept it as" in line]
     assert len(notes) == 1 and str(kept[0].relative_to(bundle)) in notes[0]
+    first_run_model = digest(bundle / "models" / "model.pt")
+
+    # --resume false, as docs/README.md spells it, with that run's checkpoint present: a new run from epoch 1
+    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "1",
+                             "--resume", "false")  # fmt: skip
+    assert code == 0, "\n".join(lines[-30:])
+    assert not any("resuming run" in line for line in lines) and any("Epoch[1] Complete" in line for line in lines)
+    kept = sorted((bundle / "models").glob("model.*.pt"))
+    assert len(kept) == 2 and {digest(p) for p in kept} == {shipped, first_run_model}  # the first run's model too
 
 
 # --- 5. resume that means what it says ---------------------------------------------------------------------------
