@@ -11,7 +11,10 @@ grid, where it is small, ``InvertArgmaxd`` replaces the last two steps with MONA
 2. the resampling (``Spacingd``) is undone for a slab of output slices and ``chunk_size`` channels at a time:
    the same inverse, asked for a grid of those slices only (its recorded output size and affine narrowed to the
    slab), folded into a running maximum and its channel index. A channel replaces the running best only where it
-   is strictly greater, so ties go to the lowest channel, as ``torch.argmax`` does;
+   is strictly greater, so ties go to the lowest channel, as ``torch.argmax`` does. A channel whose probability
+   stays below ``1/C`` on every network-grid voxel a slab is resampled from cannot win in that slab (a resampled
+   value is a weighted mean of those voxels, and the winner of ``C`` probabilities is at least ``1/C``) and is
+   not resampled there;
 3. operations recorded before it, voxel permutations only (``Orientationd``), are undone on the label map.
 
 Preprocessing of another shape (an interpolating step before the last resampling) is undone on whole volumes,
@@ -59,18 +62,20 @@ def label_dtype(num_channels: int) -> torch.dtype:
     return torch.uint8 if num_channels <= 256 else torch.int32
 
 
-def running_argmax(inverted: torch.Tensor, first_channel: int, best: torch.Tensor | None,
-                   labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Fold the channels ``inverted`` (``k[spatial]``, channels ``first_channel...``) into the running maximum
-    ``best`` (None before the first chunk) and its channel index ``labels`` (updated in place); returns ``best``.
-    Within the chunk ``max`` gives the first of equal maxima, as ``argmax`` does; a later chunk takes a voxel only
-    where it is strictly greater, so ties keep the lowest channel throughout."""
+def running_argmax(
+    inverted: torch.Tensor, channels: torch.Tensor, best: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
+    """Fold the channels ``inverted`` (``k[spatial]``, channel numbers ``channels``, increasing) into the running
+    maximum ``best`` (None before the first chunk) and its channel number ``labels`` (updated in place); returns
+    ``best``. Within the chunk ``max`` gives the first of equal maxima, as ``argmax`` does; a later chunk takes a
+    voxel only where it is strictly greater, so ties keep the lowest channel throughout."""
     values, indices = inverted.max(dim=0)
+    numbers = channels.to(indices.device)[indices]
     if best is None:
-        labels.copy_(indices.add_(first_channel))
+        labels.copy_(numbers)
         return values
     greater = values > best
-    labels.copy_(torch.where(greater, indices.add_(first_channel), labels))
+    labels.copy_(torch.where(greater, numbers, labels))
     torch.maximum(best, values, out=best)
     return best
 
@@ -92,7 +97,7 @@ def inverted_argmax(scores: torch.Tensor, reference: MetaTensor, transform: Inve
         del chunk  # only ``inverted`` keeps the chunk's voxels, and it goes at the end of the iteration
         if labels is None:
             labels = torch.empty(inverted.shape[1:], dtype=label_dtype(scores.shape[0]), device=inverted.device)
-        best = running_argmax(inverted, start, best, labels)
+        best = running_argmax(inverted, torch.arange(start, start + inverted.shape[0]), best, labels)
         del inverted
     return labels, template
 
@@ -153,9 +158,44 @@ def resample_slab(channels: torch.Tensor, network_grid: MetaTensor, resample: In
     return undo([resample], slab, orig_key).as_tensor()
 
 
-def slab_argmax(scores: torch.Tensor, reference: MetaTensor, stages: InverseStages, orig_key: Hashable,
-                chunk_size: int, slab_voxels: int) -> MetaTensor:  # fmt: skip
-    """The label map with the resampling undone a slab of output slices and a chunk of channels at a time."""
+def is_probability(scores: torch.Tensor) -> bool:
+    """Non-negative channels summing to 1 at every voxel (a softmax), to within float32 rounding."""
+    return bool(scores.min() >= 0) and bool((scores.sum(dim=0) - 1).abs().max() < 1e-5)
+
+
+def slab_support(network_grid: MetaTensor, full_affine: torch.Tensor, full_shape: tuple[int, ...], start: int,
+                 stop: int) -> tuple[slice, ...]:  # fmt: skip
+    """The network-grid voxels that can contribute to output slices ``start:stop``: the box around where the
+    slab's corners land, widened by two voxels for the interpolation's neighbours and half-voxel conventions."""
+    corners = torch.tensor([[i, j, k, 1.0] for i in (0, full_shape[0] - 1) for j in (0, full_shape[1] - 1)
+                            for k in (start, stop - 1)], dtype=torch.float64)  # fmt: skip
+    to_network = torch.linalg.inv(torch.as_tensor(network_grid.affine, dtype=torch.float64)) @ full_affine.double()
+    landed = (to_network @ corners.T)[:3]
+    size = network_grid.shape[1:]
+    low = [max(int(math.floor(v)) - 2, 0) for v in landed.min(dim=1).values]
+    high = [min(int(math.ceil(v)) + 3, n) for v, n in zip(landed.max(dim=1).values, size)]
+    return tuple(slice(lo, max(hi, lo + 1)) for lo, hi in zip(low, high))
+
+
+def contending_channels(probabilities: torch.Tensor, support: tuple[slice, ...]) -> torch.Tensor:
+    """The channels that can win somewhere in a slab: every resampled value is a weighted mean of network-grid
+    values (weights summing to 1, or less where zero padding enters), so channel ``j`` stays below its maximum
+    ``M_j`` over the slab's support, while the winner, the largest of channels that sum to 1, is at least ``1/C``
+    (both times the same sum of weights). A channel with ``M_j < 1/C`` can never win; channel 0 is always kept,
+    as it takes the voxels where every channel is 0 (outside a crop)."""
+    peaks = probabilities[(slice(None), *support)].amax(dim=(1, 2, 3))
+    contending = peaks >= (1 - 1e-4) / probabilities.shape[0]  # margin far above float64 and float32 rounding
+    contending[0] = True
+    return torch.nonzero(contending).flatten().cpu()
+
+
+def slab_argmax(
+    scores: torch.Tensor, reference: MetaTensor, stages: InverseStages, orig_key: Hashable, chunk_size: int,
+    slab_voxels: int
+) -> MetaTensor:  # fmt: skip
+    """The label map with the resampling undone a slab of output slices and a chunk of channels at a time,
+    skipping in each slab the channels that cannot win there (``contending_channels``) when ``scores`` are
+    probabilities."""
     network_grid = MetaTensor(scores, meta=deepcopy(reference.meta),
                               applied_operations=deepcopy(reference.applied_operations))  # fmt: skip
     network_grid = undo(stages.after, network_grid, orig_key)  # crops and pads, on the small grid
@@ -163,13 +203,19 @@ def slab_argmax(scores: torch.Tensor, reference: MetaTensor, stages: InverseStag
     full_affine = torch.as_tensor(network_grid.applied_operations[-1]["extra_info"]["src_affine"])
     labels = torch.zeros(full_shape, dtype=label_dtype(scores.shape[0]), device=scores.device)
     depth = max(1, slab_voxels // math.prod(full_shape[:-1]))
+    probabilities = is_probability(network_grid.as_tensor())
     for start in range(0, full_shape[-1], depth):
         stop = min(start + depth, full_shape[-1])
+        channels = torch.arange(scores.shape[0])
+        if probabilities:
+            support = slab_support(network_grid, full_affine, full_shape, start, stop)
+            channels = contending_channels(network_grid.as_tensor(), support)
         best = None
-        for first in range(0, scores.shape[0], chunk_size):
-            chunk = network_grid.as_tensor()[first : first + chunk_size]
+        for first in range(0, len(channels), chunk_size):
+            numbers = channels[first : first + chunk_size]
+            chunk = network_grid.as_tensor()[numbers.to(scores.device)]
             inverted = resample_slab(chunk, network_grid, stages.resample, orig_key, start, stop)
-            best = running_argmax(inverted, first, best, labels[..., start:stop])
+            best = running_argmax(inverted, numbers, best, labels[..., start:stop])
     on_resampled_grid = MetaTensor(labels[None], meta={**deepcopy(network_grid.meta), "affine": full_affine},
                                    applied_operations=network_grid.applied_operations[:-1])  # fmt: skip
     return undo(stages.before, on_resampled_grid, orig_key)

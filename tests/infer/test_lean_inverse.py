@@ -219,6 +219,63 @@ def test_evaluate_json_inverts_pred_and_label_as_before(tmp_path):
     assert torch.equal(ours["label"].as_tensor(), former["label"].as_tensor())
 
 
+def banded_logits(shape, seed: int) -> torch.Tensor:
+    """Organs that each occupy a band of slices (channel j near slice j of 13, in world z after the preprocessing's
+    RAS orientation), so most channels cannot win in most slabs, and smooth noise everywhere."""
+    z = torch.linspace(0, 1, shape[-1], dtype=torch.float64)
+    centres = torch.linspace(0, 1, NUM_CLASSES - 1, dtype=torch.float64)
+    bands = 9.0 * torch.exp(-(((z[None] - centres[:, None]) / 0.06) ** 2))
+    logits = smooth_logits(shape, seed, scale=1.0).double()
+    logits[1:] += bands[:, None, None, :] - 4.0
+    # the top fifth has neither organs nor a leading background: near-uniform channels, winners just above 1/C
+    top = z > 0.8
+    logits[1:, ..., top] = logits[0, ..., top] + smooth_logits(shape, seed + 1, scale=0.5)[1:, ..., top].double()
+    return logits.float()
+
+
+@pytest.mark.parametrize("name", ["fine", "oblique", "lps"])
+@pytest.mark.parametrize(("chunk_size", "slab_voxels"), [(1, 3000), (14, 6000)])
+def test_channels_that_cannot_win_in_a_slab_are_skipped_with_the_same_labels(
+    ct_files, monkeypatch, name, chunk_size, slab_voxels
+):
+    parser = parsed(CONFIGS / "inference.json")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    data = preprocessing({"image": ct_files[name]})
+    data["pred"] = MetaTensor(banded_logits(data["image"].shape[1:], seed=7), meta=data["image"].meta)
+    data = Activationsd("pred", softmax=True)(data)
+    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
+                         AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
+    resampled = []
+    resample_slab = lean_inverse.resample_slab
+
+    def counting(channels, *args):
+        resampled.append(channels.shape[0])
+        return resample_slab(channels, *args)
+
+    monkeypatch.setattr(lean_inverse, "resample_slab", counting)
+    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size, slab_voxels=slab_voxels)(dict(data))[
+        "pred"
+    ]
+    assert len(torch.unique(reference)) >= 8, "the bands should give most organs a place to win"
+    assert torch.equal(labels.as_tensor(), reference.as_tensor())
+    slabs = math.ceil(data["image"].applied_operations[-1]["orig_size"][-1] / max(
+        1, slab_voxels // math.prod(data["image"].applied_operations[-1]["orig_size"][:-1])))  # fmt: skip
+    assert sum(resampled) < NUM_CLASSES * slabs, "no channel was skipped"
+    if name == "fine":  # axis-aligned slabs reach few network slices: most organs are out of reach
+        assert sum(resampled) < 0.75 * NUM_CLASSES * slabs
+
+
+def test_a_channel_just_below_one_over_c_is_skipped_and_one_just_above_is_kept():
+    probabilities = torch.full((4, 3, 3, 3), 0.3)
+    probabilities[3] = 0.1
+    probabilities[2] = 0.2497  # below 1/4 by more than the rounding margin
+    probabilities[1] = 1 - probabilities[0] - probabilities[2] - probabilities[3]  # every voxel sums to 1
+    box = (slice(0, 3),) * 3
+    assert lean_inverse.contending_channels(probabilities, box).tolist() == [0, 1]
+    probabilities[2, 1, 1, 1], probabilities[1, 1, 1, 1] = 0.2501, 0.3499
+    assert lean_inverse.contending_channels(probabilities, box).tolist() == [0, 1, 2]
+
+
 # ------------------------------------------------------------------------------------------------ memory bound
 
 
