@@ -54,8 +54,10 @@ def _grid_difference(image: dict, label: dict) -> str | None:
     """What differs between two grids beyond :data:`GEOMETRY_TOLERANCE`, or None."""
     direction = float(np.abs(image["direction"] - label["direction"]).max())
     if direction > GEOMETRY_TOLERANCE["direction"]:
-        return (f"axis directions differ (label {label['axes']}, image {image['axes']}; "
-                f"largest direction-cosine difference {direction:.3g}, tolerance {GEOMETRY_TOLERANCE['direction']})")
+        return (
+            f"axis directions differ (label {label['axes']}, image {image['axes']}; "
+            f"largest direction-cosine difference {direction:.3g}, tolerance {GEOMETRY_TOLERANCE['direction']})"
+        )
     spacing = float(np.abs(image["spacing"] - label["spacing"]).max())
     if spacing > GEOMETRY_TOLERANCE["spacing"]:
         return f"voxel spacing differs by {spacing:.4g} mm (tolerance {GEOMETRY_TOLERANCE['spacing']} mm)"
@@ -163,7 +165,9 @@ class VerdictCache:
             temporary.unlink(missing_ok=True)
 
 
-def check_dataset(dataset_dir: str | os.PathLike, sections: dict[str, list[dict]], num_classes: int = NUM_CLASSES) -> dict:
+def check_dataset(
+    dataset_dir: str | os.PathLike, sections: dict[str, list[dict]], num_classes: int = NUM_CLASSES
+) -> dict:
     """Check every case of ``sections`` (``{"training": [...], "validation": [...]}``), reusing cached verdicts.
 
     Labels holding only background are logged once per section as a warning. Returns the cases (image paths)

@@ -179,8 +179,10 @@ def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = 
         try:
             generate(root, **phantom_kwargs)
         except OSError as error:  # no permission, a file in the way, a read-only or full disk
-            raise DatasetError(f"dataset_dir {root} is missing or empty and the phantom cannot be written there "
-                               f"({error}); pass --dataset_dir <writable folder or existing dataset>.") from None
+            raise DatasetError(
+                f"dataset_dir {root} is missing or empty and the phantom cannot be written there "
+                f"({error}); pass --dataset_dir <writable folder or existing dataset>."
+            ) from None
     if check:
         from scripts.checks import check_dataset
 
@@ -249,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         try:
             prepare_dataset(args.dataset_dir, generate_if_missing=False)
-        except BundleError as error:  # the data's fault: its message alone (the base class, as this module may be __main__)
+        except (
+            BundleError
+        ) as error:  # the data's fault: its message alone (the base class, as this module may be __main__)
             raise SystemExit(f"{args.dataset_dir}: FAILED\n{error}") from None
         print(f"{args.dataset_dir}: OK")
 

@@ -126,4 +126,3 @@ class ReportOnce:
 
     def __call__(self, engine, error: BaseException) -> None:
         raise error
-

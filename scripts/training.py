@@ -75,7 +75,9 @@ def _mismatch(run: dict | None, definition: dict) -> str:
     if run is None:
         return "unreadable, or written before checkpoints recorded their run"
     keys = sorted(k for k in set(definition) | set(run["definition"]) if run["definition"].get(k) != definition.get(k))
-    return "differs in " + ", ".join(f"{k} ({run['definition'].get(k)!r} there, {definition.get(k)!r} now)" for k in keys)
+    return "differs in " + ", ".join(
+        f"{k} ({run['definition'].get(k)!r} there, {definition.get(k)!r} now)" for k in keys
+    )
 
 
 def find_resume_checkpoint(checkpoint_dir: str | os.PathLike, definition: dict, epochs: int | None = None) -> str:
@@ -176,7 +178,9 @@ class EpochCheckpoints:
         self.written = sorted((p for p in self.checkpoint_dir.glob(EPOCH_CHECKPOINT_GLOB)
                                if (_read_run(p) or {}).get("id") == self.run_id), key=_epoch_of)  # fmt: skip
         self._apply_configured(engine, run)
-        logging.getLogger(__name__).info(f"resuming run {self.run_id} from {self.resume_from} at epoch {engine.state.epoch}")
+        logging.getLogger(__name__).info(
+            f"resuming run {self.run_id} from {self.resume_from} at epoch {engine.state.epoch}"
+        )
 
     def _apply_configured(self, engine: Engine, run: dict) -> None:
         epochs, rates = self.configured["epochs"], self.configured["learning_rates"]
@@ -263,8 +267,12 @@ class StopOnNonFiniteLoss:
         value = self._loss(engine)
         where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} {where}; training stopped. " + self._last_checkpoint(
-                "Resume from it with --resume true (after lowering the learning rate or fixing the data)."))
+            raise NonFiniteLossError(
+                f"loss is {value} {where}; training stopped. "
+                + self._last_checkpoint(
+                    "Resume from it with --resume true (after lowering the learning rate or fixing the data)."
+                )
+            )
         if self.first_loss is None:
             self.first_loss = value
         limit = None if self.divergence_factor is None else self.divergence_factor * max(self.first_loss, 1.0)
@@ -272,7 +280,8 @@ class StopOnNonFiniteLoss:
             raise DivergingLossError(
                 f"loss is {value:.3g} {where}, above {self.divergence_factor:g} x the run's first loss "
                 f"({self.first_loss:.3g}, at least 1): training diverged and was stopped before writing a model; "
-                f"lower --learning_rate. " + self._last_checkpoint("Resume from it with --resume true."))
+                f"lower --learning_rate. " + self._last_checkpoint("Resume from it with --resume true.")
+            )
 
 
 class BestModelSaver:
@@ -351,7 +360,8 @@ class BestModelSaver:
             shutil.copy2(self.model_path, kept)
         self.kept_previous = kept
         logging.getLogger(__name__).warning(
-            f"{self.model_path} was not written by this run: kept it as {kept} before saving the new best model.")
+            f"{self.model_path} was not written by this run: kept it as {kept} before saving the new best model."
+        )
 
 
 def _digest(path: Path) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from monai.bundle import ConfigWorkflow
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]

@@ -149,7 +149,9 @@ def test_excepthook_reports_bundle_errors_briefly(monkeypatch, capsys):
     assert os.environ["BUNDLE_DEBUG"] == "1"
     sys.excepthook(type(wrapped), wrapped, wrapped.__traceback__)
     shown = capsys.readouterr().err
-    assert "Traceback (most recent call last):" in shown and "DatasetError: image /x.nii.gz: every voxel is NaN." in shown
+    assert (
+        "Traceback (most recent call last):" in shown and "DatasetError: image /x.nii.gz: every voxel is NaN." in shown
+    )
 
 
 def test_nan_loss_during_the_run_prints_once(bundle, phantom):
@@ -288,7 +290,9 @@ def test_kill_9_mid_run_then_resume(bundle, phantom):
     assert code == 0, "\n".join(lines[-30:])
     assert any(f"resuming run {before['run']['id']} from eval/checkpoints/checkpoint_epoch={epoch}.pt at epoch {epoch}"
                in line for line in lines), "\n".join(lines)  # fmt: skip
-    assert any("Epoch[4] Complete" in line for line in lines) and not any(f"Epoch[{epoch}] Complete" in line for line in lines)
+    assert any("Epoch[4] Complete" in line for line in lines) and not any(
+        f"Epoch[{epoch}] Complete" in line for line in lines
+    )
     after = _checkpoint(checkpoints / "checkpoint_epoch=4.pt")
     assert after["run"]["id"] == before["run"]["id"] and after["run"]["epoch"] == 4
     # the best metric survived the resume: it only rose, and the best epoch moved only if it did

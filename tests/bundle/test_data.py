@@ -60,7 +60,9 @@ def test_msd_file_without_validation_list_holds_out_the_last_fifth(dataset):
     (dataset / "dataset.json").write_text(json.dumps(content))
     training, validation = load_datalist(dataset, "training"), load_datalist(dataset, "validation")
     assert (len(training), len(validation)) == (8, 2)
-    assert validation == [{k: str((dataset / v).resolve()) for k, v in item.items()} for item in content["training"][-2:]]
+    assert validation == [
+        {k: str((dataset / v).resolve()) for k, v in item.items()} for item in content["training"][-2:]
+    ]
 
 
 def test_missing_dir_is_generated(tmp_path):
@@ -206,8 +208,14 @@ def test_background_only_labels_are_one_warning_per_section(dataset, caplog):
         prepare_dataset(dataset, generate_if_missing=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2
-    assert warnings[0].startswith("1 training label(s) hold only background") and str(case_file(dataset, "training", "label")) in warnings[0]
-    assert warnings[1].startswith("1 validation label(s) hold only background") and "left out of the validation Dice" in warnings[1]
+    assert (
+        warnings[0].startswith("1 training label(s) hold only background")
+        and str(case_file(dataset, "training", "label")) in warnings[0]
+    )
+    assert (
+        warnings[1].startswith("1 validation label(s) hold only background")
+        and "left out of the validation Dice" in warnings[1]
+    )
 
 
 def test_verdicts_are_cached_by_size_and_mtime(dataset, monkeypatch):

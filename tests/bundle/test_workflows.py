@@ -185,7 +185,9 @@ def test_resume_takes_the_new_learning_rate_and_epochs(phantom, tmp_path, capsys
     assert workflow.trainer.state.epoch == 4 and workflow.trainer.state.iteration == 4  # 2 more epochs, not 4
     log = capsys.readouterr().out  # logging.conf's handler writes to stdout
     notes = [line.split(" - ")[-1] for line in log.splitlines() if " - resume: " in line]
-    assert notes == ["resume: this command's epochs 4 (checkpoint: 2), learning_rate 0.0001 (checkpoint: 0.002) take effect"]
+    assert notes == [
+        "resume: this command's epochs 4 (checkpoint: 2), learning_rate 0.0001 (checkpoint: 0.002) take effect"
+    ]
     scheduler = workflow.parser.get_parsed_content("lr_scheduler")
     assert scheduler.base_lrs == [1e-4] and scheduler.T_max == 4 and scheduler.last_epoch == 4
     # the cosine schedule of the new settings, continued at epoch 2: lr(e) = 1e-4 (1 + cos(pi e / 4)) / 2
