@@ -100,8 +100,10 @@ def check_intensities(path: str, data: np.ndarray) -> None:
 def check_labels(path: str, values: np.ndarray, num_classes: int) -> None:
     bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
     if bad.size:
-        raise DatasetError(f"label {path} has values {bad[:10].tolist()} outside the integer labels "
-                           f"0..{num_classes - 1} (background + 13 BTCV organs).")  # fmt: skip
+        raise DatasetError(
+            f"label {path} has values {bad[:10].tolist()} outside the integer labels 0..{num_classes - 1} "
+            f"(background + {num_classes - 1} organs; num_classes={num_classes} in the config)."
+        )
 
 
 def check_case(item: dict, num_classes: int = NUM_CLASSES) -> dict:
