@@ -488,8 +488,10 @@ def run_measured(command: list[str], threads: int, memory_cap_bytes: int | None,
     peak = max(peak, usage.ru_maxrss * 1024)  # Linux reports KiB
     if process.returncode == 0:
         return Run(seconds, peak)
-    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-    return Run(seconds, peak, f"exit status {process.returncode}: {tail[0][:300]}")
+    lines = log.read_text(errors="replace").strip().splitlines()
+    # the first exception line: the cause, before the chained ones monai.bundle adds (transform, config expression)
+    errors = [line for line in lines if "Error" in line.split(":", 1)[0]] or lines[-1:] or ["(no output)"]
+    return Run(seconds, peak, f"exit status {process.returncode}: {errors[0].strip()[:300]}")
 
 
 def inference_commands(inputs: Path, device: str) -> dict[str, Callable[[Path], list[str]]]:
