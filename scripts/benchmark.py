@@ -52,8 +52,8 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +127,11 @@ class Case:
     memory_limit: float | None = None
 
     def target_text(self) -> str:
-        limits = [f"{what} <= {limit}x" for what, limit in (("time", self.time_limit), ("memory", self.memory_limit))
-                  if limit is not None]
+        limits = [
+            f"{what} <= {limit}x"
+            for what, limit in (("time", self.time_limit), ("memory", self.memory_limit))
+            if limit is not None
+        ]
         return ", ".join(limits)
 
 
@@ -153,7 +156,8 @@ class Comparison:
         if not self.case.target_text():
             return ""
         met = (self.case.time_limit is None or self.time_ratio <= self.case.time_limit) and (
-            self.case.memory_limit is None or self.memory_ratio <= self.case.memory_limit)
+            self.case.memory_limit is None or self.memory_ratio <= self.case.memory_limit
+        )
         return f"{self.case.target_text()}: {'met' if met else '**not met**'}"
 
 
@@ -168,8 +172,13 @@ def compare(case: Case, logits: torch.Tensor, target: torch.Tensor, repeats: int
         for side in order:
             times[side].append(time_step(getattr(case, side), logits, target))
     ours_s, anchor_s = times["ours"], times["anchor"]
-    return Comparison(case, ours_s, anchor_s, peak_extra_bytes(case.ours, logits, target),
-                      peak_extra_bytes(case.anchor, logits, target))
+    return Comparison(
+        case,
+        ours_s,
+        anchor_s,
+        peak_extra_bytes(case.ours, logits, target),
+        peak_extra_bytes(case.anchor, logits, target),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -197,8 +206,13 @@ def monai_anchors() -> dict[str, tuple[str, type, dict, dict, tuple[float | None
         "jaccard": ("monai DiceLoss(jaccard=True)", monai_losses.DiceLoss, {"jaccard": True}, {}, REGION_TARGET),
         "tversky": ("monai TverskyLoss", monai_losses.TverskyLoss, {}, {}, REGION_TARGET),
         "generalized_dice": ("monai GeneralizedDiceLoss", monai_losses.GeneralizedDiceLoss, {}, {}, NO_TARGET),
-        "focal_tversky": ("monai TverskyLoss(alpha=0.3, beta=0.7)", monai_losses.TverskyLoss, {}, tversky,
-                          REGION_TARGET),
+        "focal_tversky": (
+            "monai TverskyLoss(alpha=0.3, beta=0.7)",
+            monai_losses.TverskyLoss,
+            {},
+            tversky,
+            REGION_TARGET,
+        ),
         "focal": ("monai FocalLoss", monai_losses.FocalLoss, {}, {}, NO_TARGET),
         "dice_ce": ("monai DiceCELoss", monai_losses.DiceCELoss, {}, {}, NO_TARGET),
         "dice_focal": ("monai DiceFocalLoss", monai_losses.DiceFocalLoss, {}, {}, NO_TARGET),
@@ -248,19 +262,36 @@ def loss_cases(only: list[str] | None) -> tuple[list[Case], list[str]]:
             ours, anchor = cls(**switches, **shared), anchor_cls(**switches, **shared, **anchor_only)
             cases.append(Case(name, label, ours, anchor, *limits))
         elif name == "lovasz_softmax":
-            cases.append(Case(name, "loop reference", cls(to_onehot_y=True), lovasz_anchor("softmax", False),
-                              *LOVASZ_SOFTMAX_TARGET))
-            cases.append(Case(f"{name} (per_image=True)", "loop reference (per_image=True)",
-                              cls(to_onehot_y=True, per_image=True), lovasz_anchor("softmax", True)))
+            cases.append(
+                Case(
+                    name,
+                    "loop reference",
+                    cls(to_onehot_y=True),
+                    lovasz_anchor("softmax", False),
+                    *LOVASZ_SOFTMAX_TARGET,
+                )
+            )
+            cases.append(
+                Case(
+                    f"{name} (per_image=True)",
+                    "loop reference (per_image=True)",
+                    cls(to_onehot_y=True, per_image=True),
+                    lovasz_anchor("softmax", True),
+                )
+            )
         elif name == "lovasz_hinge":
-            cases.append(Case(name, "loop reference (per_image=True)", cls(to_onehot_y=True),
-                              lovasz_anchor("hinge", True)))
+            cases.append(
+                Case(name, "loop reference (per_image=True)", cls(to_onehot_y=True), lovasz_anchor("hinge", True))
+            )
         else:
             notes.append(f"`{name}` has no anchor in this script yet.")
     missing = [key for key in [*anchors, "lovasz_softmax", "lovasz_hinge"] if key not in LOSSES]
     if missing and not only:
-        notes.append("Not in the registry at the time of this run (not measured): "
-                     + ", ".join(f"`{key}`" for key in missing) + ".")
+        notes.append(
+            "Not in the registry at the time of this run (not measured): "
+            + ", ".join(f"`{key}`" for key in missing)
+            + "."
+        )
     return cases, notes
 
 
@@ -283,10 +314,13 @@ def run_losses(args: argparse.Namespace) -> str:
         case.ours, case.anchor = _to(case.ours, device), _to(case.anchor, device)
         result = compare(case, logits, labels, args.repeats)
         results.append(result)
-        print(f"{case.name:32s} ours {statistics.median(result.ours_s) * 1e3:9.1f} ms  anchor "
-              f"{statistics.median(result.anchor_s) * 1e3:9.1f} ms  time x{result.time_ratio:.2f}  "
-              f"memory {result.ours_bytes / logits_bytes:.2f} vs {result.anchor_bytes / logits_bytes:.2f} "
-              f"(x{result.memory_ratio:.2f})", flush=True)
+        print(
+            f"{case.name:32s} ours {statistics.median(result.ours_s) * 1e3:9.1f} ms  anchor "
+            f"{statistics.median(result.anchor_s) * 1e3:9.1f} ms  time x{result.time_ratio:.2f}  "
+            f"memory {result.ours_bytes / logits_bytes:.2f} vs {result.anchor_bytes / logits_bytes:.2f} "
+            f"(x{result.memory_ratio:.2f})",
+            flush=True,
+        )
     return losses_markdown(results, notes, shape, device, args, logits_bytes)
 
 
@@ -312,14 +346,23 @@ def losses_markdown(results: list[Comparison], notes: list[str], shape, device, 
             f"{statistics.median(r.anchor_s) * 1e3:.1f} | {r.time_ratio:.2f} | {r.ours_bytes / logits_bytes:.2f} | "
             f"{r.anchor_bytes / logits_bytes:.2f} | {r.memory_ratio:.2f} | {r.verdict()} |"
         )
-    memory_source = ("`torch.cuda.max_memory_allocated`" if device.type == "cuda" else
-                     "the allocation and free events of `torch.profiler` (`profile_memory=True`) for PyTorch's CPU "
-                     "allocator, replayed in time order, in a separate untimed run")
-    lines += ["", f"- Peak extra memory: the most tensor memory allocated at once during one forward + backward above "
-              f"what was allocated before it (the input gradient included), from {memory_source}."]
+    memory_source = (
+        "`torch.cuda.max_memory_allocated`"
+        if device.type == "cuda"
+        else "the allocation and free events of `torch.profiler` (`profile_memory=True`) for PyTorch's CPU "
+        "allocator, replayed in time order, in a separate untimed run"
+    )
+    lines += [
+        "",
+        f"- Peak extra memory: the most tensor memory allocated at once during one forward + backward above "
+        f"what was allocated before it (the input gradient included), from {memory_source}.",
+    ]
     lines += [f"- {note}" for note in notes]
-    lines += [f"- Command: `python -m scripts.benchmark losses --device {device.type} --threads {args.threads} "
-              f"--shape {args.shape} --repeats {args.repeats}`", ""]
+    lines += [
+        f"- Command: `python -m scripts.benchmark losses --device {device.type} --threads {args.threads} "
+        f"--shape {args.shape} --repeats {args.repeats}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -329,8 +372,9 @@ def losses_markdown(results: list[Comparison], notes: list[str], shape, device, 
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-def metric_update_seconds(shape: tuple[int, ...], label_format: str, device: torch.device, repeats: int,
-                          seed: int = 0) -> tuple[list[float], list[float]]:
+def metric_update_seconds(
+    shape: tuple[int, ...], label_format: str, device: torch.device, repeats: int, seed: int = 0
+) -> tuple[list[float], list[float]]:
     """Seconds per update, ours and MONAI's (``DiceMetric`` + ``MeanIoU``), alternating after one warm-up each."""
     from monai.metrics import DiceMetric, MeanIoU
     from monai.networks.utils import one_hot
@@ -372,25 +416,30 @@ def run_metrics(args: argparse.Namespace) -> str:
     for label_format in ("one-hot", "class-index"):
         ours, monai = metric_update_seconds(shape, label_format, device, args.repeats)
         ours_ms, monai_ms = statistics.median(ours) * 1e3, statistics.median(monai) * 1e3
-        print(f"{label_format:12s} ours {ours_ms:9.1f} ms  MONAI {monai_ms:9.1f} ms  x{ours_ms / monai_ms:.2f}",
-              flush=True)
+        print(
+            f"{label_format:12s} ours {ours_ms:9.1f} ms  MONAI {monai_ms:9.1f} ms  x{ours_ms / monai_ms:.2f}",
+            flush=True,
+        )
         verdict = "met" if ours_ms / monai_ms <= 0.5 else "**not met**"
-        rows.append(f"| {label_format} | {ours_ms:.1f} | {monai_ms:.1f} | {ours_ms / monai_ms:.2f} | "
-                    f"<= 0.5x: {verdict} |")
-    return "\n".join([
-        f"### {machine_label(device)}",
-        "",
-        environment_line(device, torch.get_num_threads()) + f" Prediction: one-hot `{shape}` float32; "
-        f"label as in the first column. Medians of {args.repeats} alternating runs after one warm-up each.",
-        "",
-        "| label | ours: `OrganCounts.update` (ms) | MONAI `DiceMetric` + `MeanIoU` (ms) | time ratio "
-        "| target (issue 4) |",
-        "|---|---:|---:|---:|---|",
-        *rows,
-        "",
-        f"- Command: `python -m scripts.benchmark metrics --device {args.device} --threads {args.threads} "
-        f"--shape {args.shape} --repeats {args.repeats}`",
-    ])
+        rows.append(
+            f"| {label_format} | {ours_ms:.1f} | {monai_ms:.1f} | {ours_ms / monai_ms:.2f} | <= 0.5x: {verdict} |"
+        )
+    return "\n".join(
+        [
+            f"### {machine_label(device)}",
+            "",
+            environment_line(device, torch.get_num_threads()) + f" Prediction: one-hot `{shape}` float32; "
+            f"label as in the first column. Medians of {args.repeats} alternating runs after one warm-up each.",
+            "",
+            "| label | ours: `OrganCounts.update` (ms) | MONAI `DiceMetric` + `MeanIoU` (ms) | time ratio "
+            "| target (issue 4) |",
+            "|---|---:|---:|---:|---|",
+            *rows,
+            "",
+            f"- Command: `python -m scripts.benchmark metrics --device {args.device} --threads {args.threads} "
+            f"--shape {args.shape} --repeats {args.repeats}`",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- inference
@@ -411,8 +460,10 @@ def write_benchmark_volumes(folder: Path, size: tuple[int, int, int], count: int
         scale = np.array(image.shape, dtype=float) / np.array(size, dtype=float)
         resized_affine = affine.copy()
         resized_affine[:3, :3] = affine[:3, :3] * scale  # each voxel axis shrinks by its resampling factor
-        nib.save(nib.Nifti1Image(resized.round().numpy().astype(np.int16), resized_affine),
-                 folder / f"case_{case:02d}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(resized.round().numpy().astype(np.int16), resized_affine),
+            folder / f"case_{case:02d}.nii.gz",
+        )
     return count * size[0] * size[1] * size[2]
 
 
@@ -475,8 +526,13 @@ def run_measured(command: list[str], threads: int, memory_cap_bytes: int | None,
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start, peak = time.perf_counter(), 0
     with open(log, "wb") as stderr:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   preexec_fn=cap_address_space if memory_cap_bytes else None)  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=cap_address_space if memory_cap_bytes else None,
+        )
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
@@ -504,20 +560,43 @@ def inference_commands(inputs: Path, device: str) -> dict[str, Callable[[Path], 
     reference = f"['{config}','{root / 'configs' / 'reference' / 'inference_invertd.json'}']"
 
     def bundle_run(config_file: str) -> Callable[[Path], list[str]]:
-        return lambda out: [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
-                            "--bundle_root", str(root), "--input", str(inputs), "--output_dir", str(out),
-                            "--device", f"$torch.device('{device}')"]  # fmt: skip
+        return lambda out: [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            config_file,
+            "--bundle_root",
+            str(root),
+            "--input",
+            str(inputs),
+            "--output_dir",
+            str(out),
+            "--device",
+            f"$torch.device('{device}')",
+        ]
 
     return {
-        "python -m scripts.infer": lambda out: [sys.executable, "-m", "scripts.infer", str(inputs), "--output",
-                                                str(out), "--device", device, "--no-progress"],  # fmt: skip
+        "python -m scripts.infer": lambda out: [
+            sys.executable,
+            "-m",
+            "scripts.infer",
+            str(inputs),
+            "--output",
+            str(out),
+            "--device",
+            device,
+            "--no-progress",
+        ],
         "monai.bundle run, configs/inference.json (InvertArgmaxd)": bundle_run(config),
         "monai.bundle run, model zoo postprocessing (Invertd), the reference": bundle_run(reference),
     }
 
 
-def measure_case(count: int, size: tuple[int, int, int], args: argparse.Namespace, tmp: Path
-                 ) -> tuple[int, dict[str, list[Run]]]:  # fmt: skip
+def measure_case(
+    count: int, size: tuple[int, int, int], args: argparse.Namespace, tmp: Path
+) -> tuple[int, dict[str, list[Run]]]:
     """Every command on ``count`` volumes of ``size``, ``args.repeats`` times, alternating which goes first."""
     inputs = tmp / f"in-{count}x{'x'.join(map(str, size))}"
     voxels = write_benchmark_volumes(inputs, size, count)
@@ -530,8 +609,10 @@ def measure_case(count: int, size: tuple[int, int, int], args: argparse.Namespac
             run = run_measured(commands[name](out), args.threads, cap, tmp / f"{out.name}.log")
             runs[name].append(run)
             state = "ok" if run.error is None else f"FAILED ({run.error})"
-            print(f"{inputs.name} {name}: {run.seconds:.1f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB, "
-                  f"{state}", flush=True)  # fmt: skip
+            print(
+                f"{inputs.name} {name}: {run.seconds:.1f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB, {state}",
+                flush=True,
+            )
     return voxels, runs
 
 
@@ -559,36 +640,50 @@ def inference_verdicts(rows: dict[str, Row]) -> list[str]:
     script, bundle, reference = rows.values()
     lines = []
     if reference.seconds is None:
-        return ["The reference did not complete, so the ratios to it cannot be given; "
-                f"{'the script completed' if script.seconds else 'the script did not complete either'}."]
+        return [
+            "The reference did not complete, so the ratios to it cannot be given; "
+            f"{'the script completed' if script.seconds else 'the script did not complete either'}."
+        ]
     if script.seconds is not None:
         rss_ratio = script.peak_rss_bytes / reference.peak_rss_bytes
         speed_ratio = script.voxels_per_second / reference.voxels_per_second
-        lines.append(f"Peak RSS of the script / the reference's: {rss_ratio:.2f}x (target <= 0.3x): "
-                     f"{'met' if rss_ratio <= 0.3 else '**not met**'}.")
-        lines.append(f"Voxels per second of the script / the reference's: {speed_ratio:.2f}x (target >= 2x): "
-                     f"{'met' if speed_ratio >= 2 else '**not met**'}.")
+        lines.append(
+            f"Peak RSS of the script / the reference's: {rss_ratio:.2f}x (target <= 0.3x): "
+            f"{'met' if rss_ratio <= 0.3 else '**not met**'}."
+        )
+        lines.append(
+            f"Voxels per second of the script / the reference's: {speed_ratio:.2f}x (target >= 2x): "
+            f"{'met' if speed_ratio >= 2 else '**not met**'}."
+        )
     if script.seconds is not None and bundle.seconds is not None:
         bundle_ratio = bundle.seconds / script.seconds
-        lines.append(f"`monai.bundle run` with `configs/inference.json` / the script, in seconds: {bundle_ratio:.2f}x "
-                     f"(target <= 1.2x): {'met' if bundle_ratio <= 1.2 else '**not met**'}.")
+        lines.append(
+            f"`monai.bundle run` with `configs/inference.json` / the script, in seconds: {bundle_ratio:.2f}x "
+            f"(target <= 1.2x): {'met' if bundle_ratio <= 1.2 else '**not met**'}."
+        )
     return lines
 
 
-def inference_table(count: int, size: tuple[int, int, int], voxels: int, runs: dict[str, list[Run]],
-                    memory_cap_gb: float) -> list[str]:  # fmt: skip
+def inference_table(
+    count: int, size: tuple[int, int, int], voxels: int, runs: dict[str, list[Run]], memory_cap_gb: float
+) -> list[str]:
     """One case's markdown table and verdicts."""
     rows = {name: Row.of(case_runs, voxels) for name, case_runs in runs.items()}
-    lines = [f"**{count} x {' x '.join(map(str, size))}** ({voxels / 1e6:.0f} M voxels in all)", "",
-             "| command | seconds (median) | runs | peak RSS (GiB) | voxels per second |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"**{count} x {' x '.join(map(str, size))}** ({voxels / 1e6:.0f} M voxels in all)",
+        "",
+        "| command | seconds (median) | runs | peak RSS (GiB) | voxels per second |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, row in rows.items():
         done = f"{len(runs[name]) - len(row.failures)} of {len(runs[name])}"
         if row.seconds is None:
             lines.append(f"| {name} | did not complete | {done} | | |")
         else:
-            lines.append(f"| {name} | {row.seconds:.1f} | {done} | {row.peak_rss_bytes / 2**30:.2f} "
-                         f"| {row.voxels_per_second:.3g} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {row.seconds:.1f} | {done} | {row.peak_rss_bytes / 2**30:.2f} "
+                f"| {row.voxels_per_second:.3g} |"
+            )
     lines.append("")
     for name, row in rows.items():
         for failure in dict.fromkeys(row.failures):
@@ -609,22 +704,24 @@ def run_inference(args: argparse.Namespace) -> str:
             tables += inference_table(count, size, voxels, runs, args.memory_cap_gb)
     load_after = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
     cases = " ".join(f"{c}x{'x'.join(map(str, s))}" for c, s in args.cases)
-    return "\n".join([
-        f"### {machine_label(device)}",
-        "",
-        environment + f" Load average {load_after} at the end. Input: phantom CTs resampled to each size, "
-        f"`models/model.pt`, config defaults (the script with its own defaults for the device). Each run is a fresh "
-        f"process timed from start to exit (start-up and model loading included); medians of {args.repeats} "
-        "alternating run(s).",
-        "",
-        *tables,
-        "- Peak RSS: the largest resident memory of the command's process tree (main process and loader workers), "
-        f"sampled every {RSS_SAMPLE_SECONDS:g} s, and never below the main process's own `ru_maxrss`. Every command "
-        f"ran with its address space capped at {args.memory_cap_gb:g} GiB (`RLIMIT_AS`), so that one that cannot "
-        "fit fails alone instead of exhausting the shared machine.",
-        f"- Command: `python -m scripts.benchmark inference --device {args.device} --threads {args.threads} "
-        f"--cases {cases} --repeats {args.repeats} --memory-cap-gb {args.memory_cap_gb:g}`",
-    ])
+    return "\n".join(
+        [
+            f"### {machine_label(device)}",
+            "",
+            environment + f" Load average {load_after} at the end. Input: phantom CTs resampled to each size, "
+            f"`models/model.pt`, config defaults (the script with its own defaults for the device). Each run is a fresh "
+            f"process timed from start to exit (start-up and model loading included); medians of {args.repeats} "
+            "alternating run(s).",
+            "",
+            *tables,
+            "- Peak RSS: the largest resident memory of the command's process tree (main process and loader workers), "
+            f"sampled every {RSS_SAMPLE_SECONDS:g} s, and never below the main process's own `ru_maxrss`. Every command "
+            f"ran with its address space capped at {args.memory_cap_gb:g} GiB (`RLIMIT_AS`), so that one that cannot "
+            "fit fails alone instead of exhausting the shared machine.",
+            f"- Command: `python -m scripts.benchmark inference --device {args.device} --threads {args.threads} "
+            f"--cases {cases} --repeats {args.repeats} --memory-cap-gb {args.memory_cap_gb:g}`",
+        ]
+    )
 
 
 def machine_label(device: torch.device) -> str:
@@ -650,10 +747,12 @@ def source_version(paths: tuple[str, ...] = MEASURED_SOURCES) -> str:
     """The commit measured, flagged when the measured sources differ from it (a shared working tree)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
-                                 text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "an unknown commit"
     return f"commit `{commit}`" + (" plus uncommitted changes to the measured modules" if changed else "")
@@ -665,10 +764,12 @@ INFERENCE_SOURCES = ("scripts/infer.py", "scripts/lean_inverse.py", "configs/inf
 def environment_line(device: torch.device, threads: int, sources: tuple[str, ...] = MEASURED_SOURCES) -> str:
     import monai
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
-    return (f"Measured {date} at {source_version(sources)} on {platform.system()} {platform.machine()} "
-            f"({os.cpu_count()} logical CPUs{load}), torch {torch.__version__}, MONAI {monai.__version__}, {threads} torch threads.")
+    return (
+        f"Measured {date} at {source_version(sources)} on {platform.system()} {platform.machine()} "
+        f"({os.cpu_count()} logical CPUs{load}), torch {torch.__version__}, MONAI {monai.__version__}, {threads} torch threads."
+    )
 
 
 def write_block(path: Path, section: str, block_id: str, body: str) -> None:
@@ -680,7 +781,7 @@ def write_block(path: Path, section: str, block_id: str, body: str) -> None:
     start, end = f"<!-- {block_id} -->", f"<!-- /{block_id} -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         heading = f"## {section}"
         if heading not in text.splitlines():
@@ -689,8 +790,12 @@ def write_block(path: Path, section: str, block_id: str, body: str) -> None:
         begin = lines.index(heading)
         stop = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         section_text = "\n".join(lines[begin:stop]).rstrip() + "\n\n" + block + "\n"
-        text = "\n".join(lines[:begin]) + ("\n" if begin else "") + section_text + (
-            "\n" + "\n".join(lines[stop:]) if stop < len(lines) else "")
+        text = (
+            "\n".join(lines[:begin])
+            + ("\n" if begin else "")
+            + section_text
+            + ("\n" + "\n".join(lines[stop:]) if stop < len(lines) else "")
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip() + "\n")
 
@@ -707,17 +812,28 @@ def build_parser() -> argparse.ArgumentParser:
     losses.set_defaults(run=run_losses, section="Losses")
     add_common_options(losses)
     metrics = commands.add_parser("metrics", help="per-organ metric update against MONAI's DiceMetric + MeanIoU")
-    metrics.add_argument("--shape", default="1,14,128,128,128",
-                         help="prediction shape B,C,H,W[,D] (default: %(default)s)")
+    metrics.add_argument(
+        "--shape", default="1,14,128,128,128", help="prediction shape B,C,H,W[,D] (default: %(default)s)"
+    )
     metrics.set_defaults(run=run_metrics, section="Metrics")
     add_common_options(metrics)
-    inference = commands.add_parser("inference", help="scripts.infer and monai.bundle run against the model zoo's "
-                                      "postprocessing on the same CTs")  # fmt: skip
-    inference.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES],
-                           metavar="VOLUMESxXxYxZ", help="volumes and their size, one table each (default: "
-                           + " ".join(DEFAULT_CASES) + ")")  # fmt: skip
-    inference.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB,
-                           help="address-space cap of each command in GiB, 0 for none (default: %(default)s)")
+    inference = commands.add_parser(
+        "inference", help="scripts.infer and monai.bundle run against the model zoo's postprocessing on the same CTs"
+    )
+    inference.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        default=[parse_case(c) for c in DEFAULT_CASES],
+        metavar="VOLUMESxXxYxZ",
+        help="volumes and their size, one table each (default: " + " ".join(DEFAULT_CASES) + ")",
+    )
+    inference.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=DEFAULT_MEMORY_CAP_GB,
+        help="address-space cap of each command in GiB, 0 for none (default: %(default)s)",
+    )
     inference.set_defaults(run=run_inference, section="Inference")
     add_common_options(inference, repeats=1)  # a run takes minutes at 512 x 512 x 200
     return parser
@@ -728,8 +844,9 @@ def add_common_options(command: argparse.ArgumentParser, repeats: int = 5) -> No
     command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     command.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     command.add_argument("--repeats", type=int, default=repeats, help="timed runs per side (default: %(default)s)")
-    command.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                         help="markdown file (default: docs/benchmarks.md)")
+    command.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file (default: docs/benchmarks.md)"
+    )
     command.add_argument("--no-write", action="store_true", help="print the table, leave the file alone")
 
 

@@ -40,14 +40,21 @@ logger = logging.getLogger(__name__)
 def _grid(image: nib.Nifti1Image) -> dict:
     linear, origin = image.affine[:3, :3], image.affine[:3, 3]
     spacing = np.linalg.norm(linear, axis=0)
-    return {"shape": tuple(int(n) for n in image.shape[:3]), "spacing": spacing, "origin": origin,
-            "direction": linear / np.where(spacing > 0, spacing, 1), "axes": "".join(nib.aff2axcodes(image.affine))}  # fmt: skip
+    return {
+        "shape": tuple(int(n) for n in image.shape[:3]),
+        "spacing": spacing,
+        "origin": origin,
+        "direction": linear / np.where(spacing > 0, spacing, 1),
+        "axes": "".join(nib.aff2axcodes(image.affine)),
+    }
 
 
 def _describe(what: str, path: str, grid: dict) -> str:
     numbers = lambda values: "(" + ", ".join(f"{v:.4f}" for v in values) + ")"  # noqa: E731
-    return (f"{what} {path}: shape {grid['shape']}, spacing {numbers(grid['spacing'])} mm, "
-            f"origin {numbers(grid['origin'])} mm, axes {grid['axes']}")  # fmt: skip
+    return (
+        f"{what} {path}: shape {grid['shape']}, spacing {numbers(grid['spacing'])} mm, "
+        f"origin {numbers(grid['origin'])} mm, axes {grid['axes']}"
+    )
 
 
 def _grid_difference(image: dict, label: dict) -> str | None:
@@ -71,14 +78,18 @@ def check_geometry(item: dict, image: nib.Nifti1Image, label: nib.Nifti1Image) -
     """Refuse a label whose voxel grid is not its image's (shape, direction, spacing, origin)."""
     image_grid, label_grid = _grid(image), _grid(label)
     if image_grid["shape"] != label_grid["shape"]:
-        raise DatasetError(f"image {item['image']} has shape {image_grid['shape']} but its label {item['label']} has "
-                           f"shape {label_grid['shape']}; they must be equal.")  # fmt: skip
+        raise DatasetError(
+            f"image {item['image']} has shape {image_grid['shape']} but its label {item['label']} has "
+            f"shape {label_grid['shape']}; they must be equal."
+        )
     difference = _grid_difference(image_grid, label_grid)
     if difference:
-        raise DatasetError(f"{_describe('image', item['image'], image_grid)}\n"
-                           f"{_describe('label', item['label'], label_grid)}\n"
-                           f"label {item['label']} is not on its image's voxel grid: {difference}; "
-                           f"resample the label onto the image (or fix its header).")  # fmt: skip
+        raise DatasetError(
+            f"{_describe('image', item['image'], image_grid)}\n"
+            f"{_describe('label', item['label'], label_grid)}\n"
+            f"label {item['label']} is not on its image's voxel grid: {difference}; "
+            f"resample the label onto the image (or fix its header)."
+        )
 
 
 def check_intensities(path: str, data: np.ndarray) -> None:
@@ -86,15 +97,19 @@ def check_intensities(path: str, data: np.ndarray) -> None:
     finite = np.isfinite(data)
     if not finite.all():
         count = int(data.size - finite.sum())
-        raise DatasetError(f"image {path} holds {count} NaN or infinite voxel(s) of {data.size}; "
-                           f"a CT image must be finite everywhere.")  # fmt: skip
+        raise DatasetError(
+            f"image {path} holds {count} NaN or infinite voxel(s) of {data.size}; a CT image must be finite everywhere."
+        )
     low, high = float(data.min()), float(data.max())
     if low == high:
-        raise DatasetError(f"image {path} is constant (every voxel is {low:g}, fewer than 2 distinct values); "
-                           f"it holds no image.")  # fmt: skip
+        raise DatasetError(
+            f"image {path} is constant (every voxel is {low:g}, fewer than 2 distinct values); it holds no image."
+        )
     if high <= FOREGROUND_HU:
-        raise DatasetError(f"image {path} has no voxel above {FOREGROUND_HU:g} HU (its values lie in "
-                           f"[{low:g}, {high:g}]), so the foreground crop would be empty; expected CT in Hounsfield units.")  # fmt: skip
+        raise DatasetError(
+            f"image {path} has no voxel above {FOREGROUND_HU:g} HU (its values lie in "
+            f"[{low:g}, {high:g}]), so the foreground crop would be empty; expected CT in Hounsfield units."
+        )
 
 
 def check_labels(path: str, values: np.ndarray, num_classes: int) -> None:
@@ -192,8 +207,14 @@ def check_dataset(
     finally:
         cache.save()  # what passed stays passed, even when a later case fails
     for section, labels in background_only.items():
-        consequence = ("its cases add no organ to learn from" if section == "training"
-                       else "they are left out of the validation Dice")  # fmt: skip
-        logger.warning(f"{len(labels)} {section} label(s) hold only background (no organ), {consequence}: "
-                       + ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else ""))  # fmt: skip
+        consequence = (
+            "its cases add no organ to learn from"
+            if section == "training"
+            else "they are left out of the validation Dice"
+        )
+        logger.warning(
+            f"{len(labels)} {section} label(s) hold only background (no organ), {consequence}: "
+            + ", ".join(labels[:5])
+            + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        )
     return background_only

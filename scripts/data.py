@@ -31,8 +31,10 @@ class DatasetError(BundleError, ValueError):
 def _read_dataset_json(dataset_dir: Path) -> dict:
     path = dataset_dir / "dataset.json"
     if not path.is_file():
-        raise DatasetError(f"{dataset_dir} has no dataset.json; expected an MSD-style dataset.json with a "
-                           f"'training' list of {{'image', 'label'}} entries.")  # fmt: skip
+        raise DatasetError(
+            f"{dataset_dir} has no dataset.json; expected an MSD-style dataset.json with a "
+            f"'training' list of {{'image', 'label'}} entries."
+        )
     try:
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -52,8 +54,12 @@ def _resolve(dataset_dir: Path, items: list, path: Path, keys: tuple[str, ...]) 
     return resolved
 
 
-def load_datalist(dataset_dir: str | os.PathLike, section: str = "training", val_fraction: float = 0.2,
-                  keys: tuple[str, ...] = ("image", "label")) -> list[dict]:  # fmt: skip
+def load_datalist(
+    dataset_dir: str | os.PathLike,
+    section: str = "training",
+    val_fraction: float = 0.2,
+    keys: tuple[str, ...] = ("image", "label"),
+) -> list[dict]:
     """The ``section`` list of ``dataset_dir/dataset.json`` with absolute paths.
 
     MSD's ``dataset.json`` has no validation list: when ``validation`` is missing, the last
@@ -72,8 +78,10 @@ def load_datalist(dataset_dir: str | os.PathLike, section: str = "training", val
     training = content["training"]
     if section in ("training", "validation") and "validation" not in content:
         if len(training) < 2:
-            raise DatasetError(f"{path}: needs 2 or more training entries to hold one out for validation "
-                               f"(or a 'validation' list), got {len(training)}.")  # fmt: skip
+            raise DatasetError(
+                f"{path}: needs 2 or more training entries to hold one out for validation "
+                f"(or a 'validation' list), got {len(training)}."
+            )
         n_val = max(1, round(val_fraction * len(training)))
         items = training[:-n_val] if section == "training" else training[-n_val:]
     elif section in content:
@@ -147,8 +155,13 @@ def _load(path: str, what: str) -> nib.Nifti1Image:
     return image
 
 
-def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = True, check: bool = True,
-                    num_classes: int = NUM_CLASSES, **phantom_kwargs) -> str:  # fmt: skip
+def prepare_dataset(
+    dataset_dir: str | os.PathLike,
+    generate_if_missing: bool = True,
+    check: bool = True,
+    num_classes: int = NUM_CLASSES,
+    **phantom_kwargs,
+) -> str:
     """Make ``dataset_dir`` ready for training and check it; the bundle's ``initialize`` step calls this.
 
     A missing or empty ``dataset_dir`` is filled with the synthetic phantom (``scripts.phantom.generate``)
@@ -171,8 +184,10 @@ def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = 
         raise DatasetError(f"dataset_dir {root} is a file; expected a folder holding dataset.json.")
     if not root.exists() or not any(root.iterdir()):
         if not generate_if_missing:
-            raise DatasetError(f"dataset_dir {root} is missing or empty and generating the phantom there is "
-                               f"off; pass --dataset_dir <folder with dataset.json>.")  # fmt: skip
+            raise DatasetError(
+                f"dataset_dir {root} is missing or empty and generating the phantom there is "
+                f"off; pass --dataset_dir <folder with dataset.json>."
+            )
         from scripts.phantom import generate
 
         print(f"dataset_dir {root} is missing or empty: generating the synthetic CT phantom there ...", flush=True)
@@ -186,13 +201,15 @@ def prepare_dataset(dataset_dir: str | os.PathLike, generate_if_missing: bool = 
     if check:
         from scripts.checks import check_dataset
 
-        check_dataset(root, {section: load_datalist(root, section) for section in ("training", "validation")},
-                      num_classes)  # fmt: skip
+        check_dataset(
+            root, {section: load_datalist(root, section) for section in ("training", "validation")}, num_classes
+        )
     return str(root)
 
 
-def write_fit_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      cases: list[str] | None = None) -> Path:  # fmt: skip
+def write_fit_dataset(
+    source_dir: str | os.PathLike, out_dir: str | os.PathLike, cases: list[str] | None = None
+) -> Path:
     """A dataset whose ``validation`` list is its ``training`` list: validation then measures how far a loss
     *fits* those cases, not how it generalises (the question a study on one or two real CTs can still answer).
 
@@ -212,10 +229,15 @@ def write_fit_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
         items = [item for item, stem in zip(items, known) if stem in cases]
     out.mkdir(parents=True, exist_ok=True)
     relative = [{k: os.path.relpath(v, out.resolve()) for k, v in item.items()} for item in items]
-    fitted = {**content, "name": f"{content.get('name', source.name)}-fit", "numTraining": len(relative),
-              "description": f"training cases of {Path(source_dir).as_posix()} also used as validation cases (fitting, not "
-              f"generalisation). {content.get('description', '')}".strip(),
-              "training": relative, "validation": relative}  # fmt: skip
+    fitted = {
+        **content,
+        "name": f"{content.get('name', source.name)}-fit",
+        "numTraining": len(relative),
+        "description": f"training cases of {Path(source_dir).as_posix()} also used as validation cases (fitting, not "
+        f"generalisation). {content.get('description', '')}".strip(),
+        "training": relative,
+        "validation": relative,
+    }
     (out / "dataset.json").write_text(json.dumps(fitted, indent=2) + "\n")
     return out
 

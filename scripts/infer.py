@@ -94,8 +94,10 @@ def check_header(path: str, num_channels: int) -> nib.spatialimages.SpatialImage
         raise InputError(f"{path}: expected a 3D CT volume, got a 2D image of shape {shape}.")
     channels = int(np.prod(shape[3:], dtype=np.int64))
     if channels != num_channels:
-        raise InputError(f"{path}: expected {num_channels} channel(s) (3D volume of shape (X, Y, Z)), got shape "
-                         f"{shape} with {channels} channels.")  # fmt: skip
+        raise InputError(
+            f"{path}: expected {num_channels} channel(s) (3D volume of shape (X, Y, Z)), got shape "
+            f"{shape} with {channels} channels."
+        )
     return image
 
 
@@ -105,9 +107,11 @@ def check_hounsfield(path: str, image: torch.Tensor) -> None:
     if not (math.isfinite(low) and math.isfinite(high)):
         raise InputError(f"{path}: expected finite CT intensities, got NaN or infinite values.")
     if low > AIR_CEILING_HU or high < TISSUE_FLOOR_HU:
-        raise InputError(f"{path}: intensities in [{low:g}, {high:g}] are not CT Hounsfield units (expected air "
-                         f"below {AIR_CEILING_HU:g} HU and soft tissue above {TISSUE_FLOOR_HU:g} HU); normalised, "
-                         f"8-bit, MR or unscaled data? Pass --no-hu-check to segment it anyway.")  # fmt: skip
+        raise InputError(
+            f"{path}: intensities in [{low:g}, {high:g}] are not CT Hounsfield units (expected air "
+            f"below {AIR_CEILING_HU:g} HU and soft tissue above {TISSUE_FLOOR_HU:g} HU); normalised, "
+            f"8-bit, MR or unscaled data? Pass --no-hu-check to segment it anyway."
+        )
 
 
 def check_dicom_series(folder: str) -> None:
@@ -122,22 +126,33 @@ def check_dicom_series(folder: str) -> None:
             header = pydicom.dcmread(path, stop_before_pixels=True)
             position = np.asarray(header.ImagePositionPatient, dtype=float)
             rows, columns = np.asarray(header.ImageOrientationPatient, dtype=float).reshape(2, 3)
-            slices.append((int(header.InstanceNumber), float(position @ np.cross(rows, columns)),
-                           str(header.SeriesInstanceUID), (int(header.Rows), int(header.Columns))))  # fmt: skip
+            slices.append(
+                (
+                    int(header.InstanceNumber),
+                    float(position @ np.cross(rows, columns)),
+                    str(header.SeriesInstanceUID),
+                    (int(header.Rows), int(header.Columns)),
+                )
+            )
         except Exception as error:  # pydicom raises InvalidDicomError, EOFError, AttributeError... for a bad file
-            raise InputError(f"{path}: not a readable CT slice with position and orientation "
-                             f"({type(error).__name__}: {error}).") from None  # fmt: skip
+            raise InputError(
+                f"{path}: not a readable CT slice with position and orientation ({type(error).__name__}: {error})."
+            ) from None
     series, sizes = {s[2] for s in slices}, {s[3] for s in slices}
     if len(series) != 1 or len(sizes) != 1:
-        raise InputError(f"{folder}: expected one DICOM series of equal-sized slices, got {len(series)} series and "
-                         f"slice sizes {sorted(sizes)}; give each series its own folder.")  # fmt: skip
+        raise InputError(
+            f"{folder}: expected one DICOM series of equal-sized slices, got {len(series)} series and "
+            f"slice sizes {sorted(sizes)}; give each series its own folder."
+        )
     if len(slices) < 2:
         raise InputError(f"{folder}: expected a 3D DICOM series, got {len(slices)} slice.")
     steps = np.diff([position for _, position, _, _ in sorted(slices)])  # in the reader's order, InstanceNumber
     if not (np.all(steps > 0) or np.all(steps < 0)) or np.ptp(np.abs(steps)) > 0.01 * np.abs(steps).max():
-        raise InputError(f"{folder}: the slices, in InstanceNumber order, are not evenly spaced (steps from "
-                         f"{np.abs(steps).min():g} to {np.abs(steps).max():g} mm); a slice is missing or the "
-                         "series is not one stack.")  # fmt: skip
+        raise InputError(
+            f"{folder}: the slices, in InstanceNumber order, are not evenly spaced (steps from "
+            f"{np.abs(steps).min():g} to {np.abs(steps).max():g} mm); a slice is missing or the "
+            "series is not one stack."
+        )
 
 
 class CheckedInputs(torch.utils.data.Dataset):
@@ -147,8 +162,15 @@ class CheckedInputs(torch.utils.data.Dataset):
     not end the worker, so every failure becomes a message for the main process to report.
     """
 
-    def __init__(self, paths: list[str], loader: LoadImaged, transforms: Compose, image_key: str,
-                 num_channels: int, hu_check: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        paths: list[str],
+        loader: LoadImaged,
+        transforms: Compose,
+        image_key: str,
+        num_channels: int,
+        hu_check: bool,
+    ) -> None:
         self.paths, self.loader, self.transforms = paths, loader, transforms
         self.image_key, self.num_channels, self.hu_check = image_key, num_channels, hu_check
         self.dicom_loader = LoadImaged(image_key, reader="PydicomReader", image_only=True)
@@ -204,8 +226,11 @@ def dicom_series(folder: Path) -> list[str]:
     """``[folder]`` when it holds DICOM files (one series), else its subfolders that do, sorted."""
     if any(is_dicom_file(p) for p in folder.iterdir() if p.is_file()):
         return [str(folder.resolve())]
-    return [str(sub.resolve()) for sub in sorted(folder.iterdir())
-            if sub.is_dir() and any(is_dicom_file(p) for p in sub.iterdir() if p.is_file())]  # fmt: skip
+    return [
+        str(sub.resolve())
+        for sub in sorted(folder.iterdir())
+        if sub.is_dir() and any(is_dicom_file(p) for p in sub.iterdir() if p.is_file())
+    ]
 
 
 def collect_inputs(sources: list[str], summary: Summary) -> list[str]:
@@ -247,8 +272,9 @@ class Bundle:
     ckpt_path: str
 
 
-def load_bundle(config_files: list[str], meta_file: str, device: torch.device, model: str | None,
-                inferer_overrides: dict) -> Bundle:  # fmt: skip
+def load_bundle(
+    config_files: list[str], meta_file: str, device: torch.device, model: str | None, inferer_overrides: dict
+) -> Bundle:
     """Parse the config with ``ConfigParser``, load the network's weights once and split out what we replace.
 
     Raises:
@@ -264,13 +290,16 @@ def load_bundle(config_files: list[str], meta_file: str, device: torch.device, m
         parser[f"inferer#{key}"] = value
     missing = [k for k in ("network_def", "preprocessing", "inferer", "postprocessing") if k not in parser]
     if missing:
-        raise ValueError(f"config {config_files} lacks the ids {missing}; expected an inference.json like the "
-                         f"bundle's.")  # fmt: skip
+        raise ValueError(
+            f"config {config_files} lacks the ids {missing}; expected an inference.json like the bundle's."
+        )
     preprocessing = parser.get_parsed_content("preprocessing")
     steps = list(preprocessing.transforms) if isinstance(preprocessing, Compose) else []
     if not steps or not isinstance(steps[0], LoadImaged):
-        raise ValueError("the config's preprocessing must be a Compose starting with LoadImaged (so each image can "
-                         f"be checked after loading), got {type(preprocessing).__name__}.")  # fmt: skip
+        raise ValueError(
+            "the config's preprocessing must be a Compose starting with LoadImaged (so each image can "
+            f"be checked after loading), got {type(preprocessing).__name__}."
+        )
     # "@preprocessing" in the inverse (InvertArgmaxd, or Invertd in the reference config): the same instance
     postprocessing = parser.get_parsed_content("postprocessing")
     kept = [t for t in postprocessing.transforms if not isinstance(t, SaveImaged)]
@@ -294,14 +323,19 @@ def load_bundle(config_files: list[str], meta_file: str, device: torch.device, m
     organ_names = meta.get("outputs", {}).get("pred", {}).get("channel_def", {})
     if len(organ_names) > 256:
         raise ValueError(f"{meta_file} names {len(organ_names)} output channels; uint8 masks hold at most 256 labels.")
-    return Bundle(network=network, loader=steps[0], transforms=Compose(steps[1:]),
-                  inferer=parser.get_parsed_content("inferer"), postprocessing=Compose(kept),
-                  image_key=parser.get_parsed_content("image_key", default="image"),
-                  num_channels=int(meta.get("inputs", {}).get("image", {}).get("num_channels", 1)),
-                  organ_names={str(k): v for k, v in organ_names.items()},
-                  output_postfix=parser.get_parsed_content("output_postfix", default="seg"),
-                  output_ext=parser.get_parsed_content("output_ext", default=".nii.gz"),
-                  ckpt_path=str(Path(ckpt_path).resolve()))  # fmt: skip
+    return Bundle(
+        network=network,
+        loader=steps[0],
+        transforms=Compose(steps[1:]),
+        inferer=parser.get_parsed_content("inferer"),
+        postprocessing=Compose(kept),
+        image_key=parser.get_parsed_content("image_key", default="image"),
+        num_channels=int(meta.get("inputs", {}).get("image", {}).get("num_channels", 1)),
+        organ_names={str(k): v for k, v in organ_names.items()},
+        output_postfix=parser.get_parsed_content("output_postfix", default="seg"),
+        output_ext=parser.get_parsed_content("output_ext", default=".nii.gz"),
+        ckpt_path=str(Path(ckpt_path).resolve()),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -386,8 +420,14 @@ def available_device_memory(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def choose_stitching(inferer, device: torch.device, spatial_shape: tuple[int, ...], num_classes: int,
-                     path: str, available: int | None = None) -> str | None:  # fmt: skip
+def choose_stitching(
+    inferer,
+    device: torch.device,
+    spatial_shape: tuple[int, ...],
+    num_classes: int,
+    path: str,
+    available: int | None = None,
+) -> str | None:
     """On CUDA, point ``inferer`` (a ``SlidingWindowInferer``) at where this volume's windows are stitched: on the
     device when the network-grid output fits in ``STITCHING_SHARE`` of its available memory, else in host memory
     (windows still run on the device: ``sw_device``). Returns the log line saying which; None on CPU."""
@@ -399,8 +439,10 @@ def choose_stitching(inferer, device: torch.device, spatial_shape: tuple[int, ..
     inferer.sw_device, inferer.device = device, device if fits else torch.device("cpu")
     where = f"on {device}" if fits else "in host memory"
     relation = "<=" if fits else ">"
-    return (f"{path}: sliding windows on {device}, stitched {where} (network-grid output {needed / 2**30:.2f} GiB "
-            f"{relation} {STITCHING_SHARE:.0%} of {available / 2**30:.2f} GiB available)")
+    return (
+        f"{path}: sliding windows on {device}, stitched {where} (network-grid output {needed / 2**30:.2f} GiB "
+        f"{relation} {STITCHING_SHARE:.0%} of {available / 2**30:.2f} GiB available)"
+    )
 
 
 def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
@@ -408,8 +450,9 @@ def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.d
     collate, infer, attach ``pred``, decollate, postprocess. Returns the label volume ``XYZ`` on ``device``."""
     batch = list_data_collate([item["data"]])
     image = batch[bundle.image_key].to(device)
-    stitching = choose_stitching(bundle.inferer, device, tuple(image.shape[2:]), len(bundle.organ_names) or 1,
-                                 item["path"])  # fmt: skip
+    stitching = choose_stitching(
+        bundle.inferer, device, tuple(image.shape[2:]), len(bundle.organ_names) or 1, item["path"]
+    )
     if stitching:
         print(f"scripts.infer: {stitching}", file=sys.stderr)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -419,9 +462,11 @@ def segment(bundle: Bundle, item: dict, device: torch.device, amp_dtype: torch.d
     result = bundle.postprocessing(decollate_batch(batch)[0])
     label = result["pred"]
     if tuple(label.shape[1:]) != item["shape"]:
-        raise InputError(f"{item['path']}: the postprocessing gave a mask of shape {tuple(label.shape)}, expected "
-                         f"the input's {item['shape']}; does the config's postprocessing (InvertArgmaxd or Invertd) "
-                         "undo the preprocessing?")  # fmt: skip
+        raise InputError(
+            f"{item['path']}: the postprocessing gave a mask of shape {tuple(label.shape)}, expected "
+            f"the input's {item['shape']}; does the config's postprocessing (InvertArgmaxd or Invertd) "
+            "undo the preprocessing?"
+        )
     return label[0].as_tensor() if hasattr(label, "as_tensor") else label[0]
 
 
@@ -435,10 +480,19 @@ def _failure(path: str, error: Exception) -> str:
     return f"{path}: {type(error).__name__}: {error}"
 
 
-def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torch.device,
-                  amp_dtype: torch.dtype | None, num_workers: int = 0, overwrite: bool = False,
-                  hu_check: bool = True, volumes_rows: list | None = None, progress: bool = True,
-                  source_info: dict | None = None) -> Summary:  # fmt: skip
+def run_inference(
+    sources: list[str],
+    output: Path,
+    bundle: Bundle,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    hu_check: bool = True,
+    volumes_rows: list | None = None,
+    progress: bool = True,
+    source_info: dict | None = None,
+) -> Summary:
     """Segment every input of ``sources`` into ``output``; a bad input is recorded in the summary, not raised.
 
     Args:
@@ -470,8 +524,14 @@ def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torc
             targets[path] = target
 
     dataset = CheckedInputs(todo, bundle.loader, bundle.transforms, bundle.image_key, bundle.num_channels, hu_check)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_as_is, prefetch_factor=2 if num_workers else None)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        prefetch_factor=2 if num_workers else None,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -493,8 +553,11 @@ def run_inference(sources: list[str], output: Path, bundle: Bundle, device: torc
                 continue
             try:
                 label = segment(bundle, item, device, amp_dtype).to(torch.uint8)
-                counts = None if volumes_rows is None else torch.bincount(
-                    label.flatten(), minlength=len(bundle.organ_names)).cpu().tolist()  # fmt: skip
+                counts = (
+                    None
+                    if volumes_rows is None
+                    else torch.bincount(label.flatten(), minlength=len(bundle.organ_names)).cpu().tolist()
+                )
                 mask = label.cpu().numpy()
             except Exception as error:  # noqa: BLE001 - one volume's failure (e.g. out of memory) must not end the run
                 summary.failed[path] = _failure(path, error)
@@ -536,12 +599,14 @@ def default_amp(device: torch.device) -> str:
 
 
 def format_summary(summary: Summary) -> str:
-    lines = ["inference summary:",
-             f"  volumes: {len(summary.written)} written, {len(summary.failed)} failed",
-             f"  total voxels: {summary.voxels}",
-             f"  seconds: {summary.seconds:.2f}",
-             f"  voxels/s: {summary.voxels_per_second:.4g}",
-             f"  device: {summary.device}, amp: {summary.amp}"]  # fmt: skip
+    lines = [
+        "inference summary:",
+        f"  volumes: {len(summary.written)} written, {len(summary.failed)} failed",
+        f"  total voxels: {summary.voxels}",
+        f"  seconds: {summary.seconds:.2f}",
+        f"  voxels/s: {summary.voxels_per_second:.4g}",
+        f"  device: {summary.device}, amp: {summary.amp}",
+    ]
     if summary.peak_gpu_memory_bytes is not None:
         lines.append(f"  peak GPU memory: {summary.peak_gpu_memory_bytes / 2**30:.2f} GiB")
     lines += [f"  FAILED {reason}" for reason in summary.failed.values()]
@@ -549,35 +614,66 @@ def format_summary(summary: Summary) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.infer", description=__doc__.split("\n\n")[0],
-                                     epilog="exit status: 0 all written, 1 some input failed or was skipped, "
-                                            "2 usage or configuration error")  # fmt: skip
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="NIfTI files, folders of them, DICOM series folders, folders of those, datalist JSON "
-                             "files or MSD dataset.json files")
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.infer",
+        description=__doc__.split("\n\n")[0],
+        epilog="exit status: 0 all written, 1 some input failed or was skipped, 2 usage or configuration error",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="NIfTI files, folders of them, DICOM series folders, folders of those, datalist JSON "
+        "files or MSD dataset.json files",
+    )
     parser.add_argument("--output", required=True, type=Path, help="folder of the masks (created when missing)")
-    parser.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)],
-                        help="inference config file(s); later files override earlier ones, as in monai.bundle run "
-                             "(default: configs/inference.json)")
-    parser.add_argument("--meta", default=str(DEFAULT_META), help="metadata.json with the organ names (channel_def) "
-                        "(default: configs/metadata.json)")
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[str(DEFAULT_CONFIG)],
+        help="inference config file(s); later files override earlier ones, as in monai.bundle run "
+        "(default: configs/inference.json)",
+    )
+    parser.add_argument(
+        "--meta",
+        default=str(DEFAULT_META),
+        help="metadata.json with the organ names (channel_def) (default: configs/metadata.json)",
+    )
     parser.add_argument("--model", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
-                        help="autocast dtype (default: bf16 on GPUs supporting it, fp16 on other GPUs, off on CPU)")
+    parser.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        help="autocast dtype (default: bf16 on GPUs supporting it, fp16 on other GPUs, off on CPU)",
+    )
     parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: the config's)")
-    parser.add_argument("--overlap", type=float, default=None,
-                        help="sliding-window overlap in [0, 1) (default: the config's)")
-    parser.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                        help="sliding-window size in voxels (default: the config's)")
-    parser.add_argument("--num-workers", type=int, default=min(4, max((os.cpu_count() or 1) - 1, 0)),
-                        help="DataLoader workers loading the next volumes while one is segmented "
-                             "(default: min(4, CPU cores - 1))")
+    parser.add_argument(
+        "--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: the config's)"
+    )
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window size in voxels (default: the config's)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(4, max((os.cpu_count() or 1) - 1, 0)),
+        help="DataLoader workers loading the next volumes while one is segmented (default: min(4, CPU cores - 1))",
+    )
     parser.add_argument("--volumes-csv", type=Path, default=None, help="write per-organ volumes in mL to this CSV")
     parser.add_argument("--summary-json", type=Path, default=None, help="write the run summary to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and CSV")
-    parser.add_argument("--no-hu-check", dest="hu_check", action="store_false",
-                        help="segment images whose intensities do not look like Hounsfield units")
+    parser.add_argument(
+        "--no-hu-check",
+        dest="hu_check",
+        action="store_false",
+        help="segment images whose intensities do not look like Hounsfield units",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -608,9 +704,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list | None = [] if args.volumes_csv is not None else None
     source_info = {"config": [str(Path(c).resolve()) for c in args.config], "model": bundle.ckpt_path}
-    summary = run_inference(args.inputs, args.output, bundle, device, AMP_DTYPES[amp], num_workers=args.num_workers,
-                            overwrite=args.overwrite, hu_check=args.hu_check, volumes_rows=rows,
-                            progress=args.progress, source_info=source_info)  # fmt: skip
+    summary = run_inference(
+        args.inputs,
+        args.output,
+        bundle,
+        device,
+        AMP_DTYPES[amp],
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        hu_check=args.hu_check,
+        volumes_rows=rows,
+        progress=args.progress,
+        source_info=source_info,
+    )
     if rows is not None:
         args.volumes_csv.parent.mkdir(parents=True, exist_ok=True)
         write_volumes_csv(args.volumes_csv, rows, bundle.organ_names)

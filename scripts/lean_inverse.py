@@ -44,8 +44,9 @@ from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import ensure_tuple_rep
 
 
-def invert_channels(channels: torch.Tensor, reference: MetaTensor, transform: InvertibleTransform,
-                    orig_key: Hashable) -> MetaTensor:  # fmt: skip
+def invert_channels(
+    channels: torch.Tensor, reference: MetaTensor, transform: InvertibleTransform, orig_key: Hashable
+) -> MetaTensor:
     """The inverse of ``transform`` applied to ``channels`` (``C[spatial]`` on the network grid), using the
     operations that ``transform`` recorded on ``reference`` (the preprocessed image), as ``Invertd`` does.
 
@@ -80,8 +81,13 @@ def running_argmax(
     return best
 
 
-def inverted_argmax(scores: torch.Tensor, reference: MetaTensor, transform: InvertibleTransform,
-                    orig_key: Hashable = "image", chunk_size: int = 1) -> tuple[torch.Tensor, MetaTensor]:  # fmt: skip
+def inverted_argmax(
+    scores: torch.Tensor,
+    reference: MetaTensor,
+    transform: InvertibleTransform,
+    orig_key: Hashable = "image",
+    chunk_size: int = 1,
+) -> tuple[torch.Tensor, MetaTensor]:
     """Per voxel of the input's grid, the index of the channel of ``scores`` (``C[spatial]``, network grid) that
     is largest after inverting ``transform`` on the whole volume, ``chunk_size`` channels at a time.
 
@@ -141,8 +147,14 @@ def undo(steps: list[InvertibleTransform], image: MetaTensor, orig_key: Hashable
     return image
 
 
-def resample_slab(channels: torch.Tensor, network_grid: MetaTensor, resample: InvertibleTransform,
-                  orig_key: Hashable, start: int, stop: int) -> torch.Tensor:  # fmt: skip
+def resample_slab(
+    channels: torch.Tensor,
+    network_grid: MetaTensor,
+    resample: InvertibleTransform,
+    orig_key: Hashable,
+    start: int,
+    stop: int,
+) -> torch.Tensor:
     """Slices ``start:stop`` (last axis) of the resampling's inverse of ``channels`` (on ``network_grid``, whose
     last recorded operation is the resampling): the same inverse, asked for a grid of those slices only, whose
     affine is the full grid's moved by ``start`` voxels along that axis."""
@@ -163,12 +175,15 @@ def is_probability(scores: torch.Tensor) -> bool:
     return bool(scores.min() >= 0) and bool((scores.sum(dim=0) - 1).abs().max() < 1e-5)
 
 
-def slab_support(network_grid: MetaTensor, full_affine: torch.Tensor, full_shape: tuple[int, ...], start: int,
-                 stop: int) -> tuple[slice, ...]:  # fmt: skip
+def slab_support(
+    network_grid: MetaTensor, full_affine: torch.Tensor, full_shape: tuple[int, ...], start: int, stop: int
+) -> tuple[slice, ...]:
     """The network-grid voxels that can contribute to output slices ``start:stop``: the box around where the
     slab's corners land, widened by two voxels for the interpolation's neighbours and half-voxel conventions."""
-    corners = torch.tensor([[i, j, k, 1.0] for i in (0, full_shape[0] - 1) for j in (0, full_shape[1] - 1)
-                            for k in (start, stop - 1)], dtype=torch.float64)  # fmt: skip
+    corners = torch.tensor(
+        [[i, j, k, 1.0] for i in (0, full_shape[0] - 1) for j in (0, full_shape[1] - 1) for k in (start, stop - 1)],
+        dtype=torch.float64,
+    )
     to_network = torch.linalg.inv(torch.as_tensor(network_grid.affine, dtype=torch.float64)) @ full_affine.double()
     landed = (to_network @ corners.T)[:3]
     size = network_grid.shape[1:]
@@ -190,14 +205,19 @@ def contending_channels(probabilities: torch.Tensor, support: tuple[slice, ...])
 
 
 def slab_argmax(
-    scores: torch.Tensor, reference: MetaTensor, stages: InverseStages, orig_key: Hashable, chunk_size: int,
-    slab_voxels: int
-) -> MetaTensor:  # fmt: skip
+    scores: torch.Tensor,
+    reference: MetaTensor,
+    stages: InverseStages,
+    orig_key: Hashable,
+    chunk_size: int,
+    slab_voxels: int,
+) -> MetaTensor:
     """The label map with the resampling undone a slab of output slices and a chunk of channels at a time,
     skipping in each slab the channels that cannot win there (``contending_channels``) when ``scores`` are
     probabilities."""
-    network_grid = MetaTensor(scores, meta=deepcopy(reference.meta),
-                              applied_operations=deepcopy(reference.applied_operations))  # fmt: skip
+    network_grid = MetaTensor(
+        scores, meta=deepcopy(reference.meta), applied_operations=deepcopy(reference.applied_operations)
+    )
     network_grid = undo(stages.after, network_grid, orig_key)  # crops and pads, on the small grid
     full_shape = tuple(network_grid.applied_operations[-1]["orig_size"])
     full_affine = torch.as_tensor(network_grid.applied_operations[-1]["extra_info"]["src_affine"])
@@ -216,8 +236,11 @@ def slab_argmax(
             chunk = network_grid.as_tensor()[numbers.to(scores.device)]
             inverted = resample_slab(chunk, network_grid, stages.resample, orig_key, start, stop)
             best = running_argmax(inverted, numbers, best, labels[..., start:stop])
-    on_resampled_grid = MetaTensor(labels[None], meta={**deepcopy(network_grid.meta), "affine": full_affine},
-                                   applied_operations=network_grid.applied_operations[:-1])  # fmt: skip
+    on_resampled_grid = MetaTensor(
+        labels[None],
+        meta={**deepcopy(network_grid.meta), "affine": full_affine},
+        applied_operations=network_grid.applied_operations[:-1],
+    )
     return undo(stages.before, on_resampled_grid, orig_key)
 
 
@@ -238,9 +261,16 @@ class InvertArgmaxd(MapTransform):
         allow_missing_keys: do not raise for a missing key.
     """
 
-    def __init__(self, keys: KeysCollection, transform: InvertibleTransform, orig_keys: KeysCollection | None = None,
-                 chunk_size: int = 1, slab_voxels: int | None = 2**21, dtype: torch.dtype = torch.float32,
-                 allow_missing_keys: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transform: InvertibleTransform,
+        orig_keys: KeysCollection | None = None,
+        chunk_size: int = 1,
+        slab_voxels: int | None = 2**21,
+        dtype: torch.dtype = torch.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not isinstance(transform, InvertibleTransform):
             raise ValueError(f"transform must be invertible (the preprocessing), got {type(transform).__name__}.")
@@ -254,8 +284,10 @@ class InvertArgmaxd(MapTransform):
         for key, orig_key in self.key_iterator(d, self.orig_keys):
             reference = d.get(orig_key)
             if not isinstance(reference, MetaTensor):
-                raise ValueError(f"InvertArgmaxd: '{orig_key}' must be the preprocessed image as a MetaTensor (it "
-                                 f"holds the operations to undo), got {type(reference).__name__}.")  # fmt: skip
+                raise ValueError(
+                    f"InvertArgmaxd: '{orig_key}' must be the preprocessed image as a MetaTensor (it "
+                    f"holds the operations to undo), got {type(reference).__name__}."
+                )
             d[key] = self.label_map(d[key], reference, orig_key)
         return d
 

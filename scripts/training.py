@@ -91,20 +91,26 @@ def find_resume_checkpoint(checkpoint_dir: str | os.PathLike, definition: dict, 
     definition = describe_run(definition)
     found = sorted(Path(checkpoint_dir).glob(EPOCH_CHECKPOINT_GLOB), key=lambda p: (p.stat().st_mtime_ns, _epoch_of(p)))
     if not found:
-        raise ResumeError(f"resume=true but {checkpoint_dir} holds no {EPOCH_CHECKPOINT_GLOB}; "
-                          f"train without --resume first (a checkpoint is written after every epoch).")  # fmt: skip
+        raise ResumeError(
+            f"resume=true but {checkpoint_dir} holds no {EPOCH_CHECKPOINT_GLOB}; "
+            f"train without --resume first (a checkpoint is written after every epoch)."
+        )
     runs = {path: _read_run(path) for path in found}
     fitting = [path for path, run in runs.items() if run is not None and run["definition"] == definition]
     if fitting:
         path, done = fitting[-1], runs[fitting[-1]]["epoch"]
         if epochs is not None and epochs <= done:
-            raise ResumeError(f"{path} ends epoch {done} of this run, so --epochs {epochs} leaves nothing to "
-                              f"train; resume with --epochs above {done}.")  # fmt: skip
+            raise ResumeError(
+                f"{path} ends epoch {done} of this run, so --epochs {epochs} leaves nothing to "
+                f"train; resume with --epochs above {done}."
+            )
         return str(path)
     listed = [f"{path.name}: {_mismatch(run, definition)}" for path, run in list(runs.items())[-5:]]
-    raise ResumeError("\n".join(listed) + f"\nresume=true but none of the {len(found)} checkpoint(s) in {checkpoint_dir} "
-                      f"belongs to a run of this config (above: what differs); train without --resume to start a "
-                      f"new run, or resume with that run's settings.")  # fmt: skip
+    raise ResumeError(
+        "\n".join(listed) + f"\nresume=true but none of the {len(found)} checkpoint(s) in {checkpoint_dir} "
+        f"belongs to a run of this config (above: what differs); train without --resume to start a "
+        f"new run, or resume with that run's settings."
+    )
 
 
 class EpochCheckpoints:
@@ -128,8 +134,14 @@ class EpochCheckpoints:
         keep_last: how many of this run's newest epoch checkpoints to keep (default 2).
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, objects: dict, run_definition: dict | None = None,
-                 resume_from: str | None = None, keep_last: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        objects: dict,
+        run_definition: dict | None = None,
+        resume_from: str | None = None,
+        keep_last: int = 2,
+    ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.objects = dict(objects)
         self.definition = describe_run(run_definition or {})
@@ -149,15 +161,22 @@ class EpochCheckpoints:
 
     def _configured(self, engine: Engine) -> dict:
         optimizer, scheduler = self.objects.get("optimizer"), self.objects.get("lr_scheduler")
-        return {"epochs": engine.state.max_epochs,
-                "learning_rates": [group["lr"] for group in optimizer.param_groups] if optimizer else [],
-                "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler else None}  # fmt: skip
+        return {
+            "epochs": engine.state.max_epochs,
+            "learning_rates": [group["lr"] for group in optimizer.param_groups] if optimizer else [],
+            "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler else None,
+        }
 
     def _save(self, engine: Engine) -> None:
         checkpoint = {name: obj.state_dict() for name, obj in self.objects.items()}
         checkpoint["trainer"] = engine.state_dict()
-        checkpoint["run"] = {"id": self.run_id, "definition": self.definition, "epoch": engine.state.epoch,
-                             "epochs": engine.state.max_epochs, "learning_rates": self.configured["learning_rates"]}  # fmt: skip
+        checkpoint["run"] = {
+            "id": self.run_id,
+            "definition": self.definition,
+            "epoch": engine.state.epoch,
+            "epochs": engine.state.max_epochs,
+            "learning_rates": self.configured["learning_rates"],
+        }
         path = self.checkpoint_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
@@ -175,8 +194,14 @@ class EpochCheckpoints:
         engine.load_state_dict(checkpoint["trainer"])
         run = checkpoint["run"]
         self.run_id = run["id"]
-        self.written = sorted((p for p in self.checkpoint_dir.glob(EPOCH_CHECKPOINT_GLOB)
-                               if (_read_run(p) or {}).get("id") == self.run_id), key=_epoch_of)  # fmt: skip
+        self.written = sorted(
+            (
+                p
+                for p in self.checkpoint_dir.glob(EPOCH_CHECKPOINT_GLOB)
+                if (_read_run(p) or {}).get("id") == self.run_id
+            ),
+            key=_epoch_of,
+        )
         self._apply_configured(engine, run)
         logging.getLogger(__name__).info(
             f"resuming run {self.run_id} from {self.resume_from} at epoch {engine.state.epoch}"
@@ -185,8 +210,10 @@ class EpochCheckpoints:
     def _apply_configured(self, engine: Engine, run: dict) -> None:
         epochs, rates = self.configured["epochs"], self.configured["learning_rates"]
         if epochs <= engine.state.epoch:
-            raise ResumeError(f"{self.resume_from} ends epoch {engine.state.epoch}, so --epochs {epochs} leaves "
-                              f"nothing to train; resume with --epochs above {engine.state.epoch}.")  # fmt: skip
+            raise ResumeError(
+                f"{self.resume_from} ends epoch {engine.state.epoch}, so --epochs {epochs} leaves "
+                f"nothing to train; resume with --epochs above {engine.state.epoch}."
+            )
         engine.state.max_epochs = epochs
         changes = [f"epochs {epochs} (checkpoint: {run['epochs']})"] if run["epochs"] != epochs else []
         if run["learning_rates"] != rates:
@@ -201,13 +228,20 @@ class EpochCheckpoints:
         rates = self.configured["learning_rates"]
         if scheduler is not None:
             if not hasattr(scheduler, "_get_closed_form_lr"):
-                raise ResumeError(f"--learning_rate/--epochs differ from {self.resume_from}'s, and the scheduler "
-                                  f"{type(scheduler).__name__} has no closed form to move to them mid-run; resume "
-                                  f"with that run's learning_rate and epochs, or train without --resume.")  # fmt: skip
+                raise ResumeError(
+                    f"--learning_rate/--epochs differ from {self.resume_from}'s, and the scheduler "
+                    f"{type(scheduler).__name__} has no closed form to move to them mid-run; resume "
+                    f"with that run's learning_rate and epochs, or train without --resume."
+                )
             # torch keeps the closed form private; step() goes on from group["lr"], so setting it is enough
             loaded = scheduler.state_dict()
-            scheduler.load_state_dict({**self.configured["scheduler"], "last_epoch": loaded["last_epoch"],
-                                       "_step_count": loaded["_step_count"]})  # fmt: skip
+            scheduler.load_state_dict(
+                {
+                    **self.configured["scheduler"],
+                    "last_epoch": loaded["last_epoch"],
+                    "_step_count": loaded["_step_count"],
+                }
+            )
             rates = scheduler._get_closed_form_lr()
             scheduler._last_lr = list(rates)
         for group, base, rate in zip(optimizer.param_groups, self.configured["learning_rates"], rates):
@@ -237,8 +271,9 @@ class StopOnNonFiniteLoss:
         divergence_factor: the factor of the rule above (default 100); ``None`` turns the rule off.
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, loss_key: str = "loss",
-                 divergence_factor: float | None = 100.0) -> None:  # fmt: skip
+    def __init__(
+        self, checkpoint_dir: str | os.PathLike, loss_key: str = "loss", divergence_factor: float | None = 100.0
+    ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.loss_key = loss_key
         self.divergence_factor = divergence_factor
@@ -396,8 +431,9 @@ def check_loss_target(target: str) -> str:
         ConfigValueError: naming the target and, for ``scripts.losses``, the losses it has.
     """
     if not isinstance(target, str) or not target:
-        raise ConfigValueError(f"the config's loss#_target_ must be a dotted name such as scripts.losses.DiceCELoss, "
-                         f"got {target!r}.")  # fmt: skip
+        raise ConfigValueError(
+            f"the config's loss#_target_ must be a dotted name such as scripts.losses.DiceCELoss, got {target!r}."
+        )
     module_name, _, attribute = target.rpartition(".")
     if module_name:
         found = optional_import(module_name, name=attribute)[1]
@@ -406,8 +442,10 @@ def check_loss_target(target: str) -> str:
     if not found:
         from scripts import losses
 
-        known = ", ".join(f"scripts.losses.{cls.__name__}" for cls in sorted(set(losses.LOSSES.values()),
-                                                                             key=lambda c: c.__name__))  # fmt: skip
-        raise ConfigValueError(f"unknown loss {target!r} in the config's loss#_target_; the losses of this bundle are: "
-                         f"{known}.")  # fmt: skip
+        known = ", ".join(
+            f"scripts.losses.{cls.__name__}" for cls in sorted(set(losses.LOSSES.values()), key=lambda c: c.__name__)
+        )
+        raise ConfigValueError(
+            f"unknown loss {target!r} in the config's loss#_target_; the losses of this bundle are: {known}."
+        )
     return target

@@ -124,10 +124,18 @@ def test_inference_reference_command_merges_the_model_zoo_postprocessing(tmp_pat
     config_files = reference[reference.index("--config_file") + 1]
     parser = ConfigParser()
     parser.read_config(ConfigParser.load_config_files(eval(config_files)))  # the list monai.bundle run parses
-    assert [t["_target_"] for t in parser["postprocessing#transforms"]][:3] == ["Activationsd", "Invertd", "AsDiscreted"]
+    assert [t["_target_"] for t in parser["postprocessing#transforms"]][:3] == [
+        "Activationsd",
+        "Invertd",
+        "AsDiscreted",
+    ]
     ours = commands[list(commands)[1]](tmp_path / "out")
-    assert ConfigParser.load_config_file(ours[ours.index("--config_file") + 1])["postprocessing"]["transforms"][1][
-        "_target_"] == "scripts.lean_inverse.InvertArgmaxd"  # fmt: skip
+    assert (
+        ConfigParser.load_config_file(ours[ours.index("--config_file") + 1])["postprocessing"]["transforms"][1][
+            "_target_"
+        ]
+        == "scripts.lean_inverse.InvertArgmaxd"
+    )
 
 
 def test_measured_run_sees_the_memory_of_its_process_tree(tmp_path):

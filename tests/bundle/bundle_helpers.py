@@ -31,10 +31,21 @@ def make_tiny_phantom(out_dir: Path, num_cases: int = 3) -> Path:
 def train_workflow(config_files, dataset_dir: Path, out_dir: Path, **override) -> ConfigWorkflow:
     """A parsed and initialised training workflow writing only under ``out_dir``."""
     files = [str(CONFIGS / f) if not str(f).startswith("/") else str(f) for f in config_files]
-    settings = {**TINY, "bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(dataset_dir),
-                "output_dir": str(out_dir / "eval"), "ckpt_dir": str(out_dir / "models"), **override}  # fmt: skip
-    workflow = ConfigWorkflow(config_file=files, meta_file=str(CONFIGS / "metadata.json"),
-                              logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", **settings)  # fmt: skip
+    settings = {
+        **TINY,
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(out_dir / "eval"),
+        "ckpt_dir": str(out_dir / "models"),
+        **override,
+    }
+    workflow = ConfigWorkflow(
+        config_file=files,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="train",
+        **settings,
+    )
     workflow.initialize()
     return workflow
 
@@ -75,8 +86,15 @@ def run_bundle(bundle: Path, *args: str, configs=("train.json",), timeout: float
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]", *args]
     environment = {key: value for key, value in os.environ.items() if key != "BUNDLE_DEBUG"}
     environment.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    done = subprocess.run(command, cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, env=environment)  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=bundle,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
     return done.returncode, [line for line in done.stdout.replace("\r", "\n").splitlines() if line.strip()]
 
 

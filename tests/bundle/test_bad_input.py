@@ -43,9 +43,25 @@ def digest(path):
 # --- 1. configs read what users type ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("typed, meant", [("false", False), ("False", False), ("FALSE", False), ("no", False),
-                                          ("0", False), (0, False), (False, False), ("true", True), ("True", True),
-                                          ("YES", True), ("1", True), (1, True), (True, True), (" yes ", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "typed, meant",
+    [
+        ("false", False),
+        ("False", False),
+        ("FALSE", False),
+        ("no", False),
+        ("0", False),
+        (0, False),
+        (False, False),
+        ("true", True),
+        ("True", True),
+        ("YES", True),
+        ("1", True),
+        (1, True),
+        (True, True),
+        (" yes ", True),
+    ],
+)
 def test_booleans_as_typed(typed, meant):
     assert read_bool(typed, "resume") is meant
 
@@ -70,8 +86,18 @@ def test_numbers_as_strings():
 
 
 def test_train_json_reads_typed_strings(phantom, tmp_path):
-    workflow = train_workflow(["train.json"], phantom, tmp_path, resume="false", generate_phantom="no",
-                              epochs="3", learning_rate="1e-3", val_interval="2", batch_size="1", amp="False")  # fmt: skip
+    workflow = train_workflow(
+        ["train.json"],
+        phantom,
+        tmp_path,
+        resume="false",
+        generate_phantom="no",
+        epochs="3",
+        learning_rate="1e-3",
+        val_interval="2",
+        batch_size="1",
+        amp="False",
+    )
     settings = workflow.parser.get_parsed_content("settings")
     assert settings["resume"] is False and settings["generate_phantom"] is False and settings["amp"] is False
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -91,9 +117,14 @@ def test_generate_phantom_false_with_missing_dir(bundle, tmp_path):
     assert digest(bundle / "models" / "model.pt") == shipped and not (bundle / "eval").exists()
 
 
-@pytest.mark.parametrize("key, typed, expected", [("resume", "maybe", "true or false"),
-                                                  ("epochs", "abc", "a whole number >= 1"),
-                                                  ("learning_rate", "fast", "a finite number > 0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, typed, expected",
+    [
+        ("resume", "maybe", "true or false"),
+        ("epochs", "abc", "a whole number >= 1"),
+        ("learning_rate", "fast", "a finite number > 0"),
+    ],
+)
 def test_bad_value_names_the_key(bundle, phantom, key, typed, expected):
     shipped = digest(bundle / "models" / "model.pt")
     result = run_bundle(bundle, "--dataset_dir", str(phantom), f"--{key}", typed)
@@ -110,10 +141,16 @@ def test_unknown_loss_is_one_message(bundle, phantom):
     assert_one_message(result, "unknown loss 'scripts.losses.NoSuchLoss'", "scripts.losses.DiceCELoss")
 
 
-@pytest.mark.parametrize("args, names", [
-    (("--loss#ignore_index", "abc"), ("ignore_index", "'abc'")),
-    (("--loss#_target_", "scripts.losses.FocalLoss"), ("FocalLoss does not take softmax", "configs/losses/focal.json")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (("--loss#ignore_index", "abc"), ("ignore_index", "'abc'")),
+        (
+            ("--loss#_target_", "scripts.losses.FocalLoss"),
+            ("FocalLoss does not take softmax", "configs/losses/focal.json"),
+        ),
+    ],
+)
 def test_loss_constructor_error_is_one_message(bundle, phantom, args, names):
     # the loss is built in `initialize`, before the datasets are cached, so its message comes first and alone
     result = run_bundle(bundle, "--dataset_dir", str(phantom), *args)
@@ -157,8 +194,9 @@ def test_excepthook_reports_bundle_errors_briefly(monkeypatch, capsys):
 def test_nan_loss_during_the_run_prints_once(bundle, phantom):
     # Adam's first step moves every weight by about the learning rate: 1e30 overflows the second forward pass
     shipped = digest(bundle / "models" / "model.pt")
-    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--learning_rate", "1e30", "--epochs", "1",
-                             "--val_interval", "1")  # fmt: skip
+    code, lines = run_bundle(
+        bundle, "--dataset_dir", str(phantom), "--learning_rate", "1e30", "--epochs", "1", "--val_interval", "1"
+    )
     assert code != 0 and "Traceback" not in "\n".join(lines)
     assert sum("loss is nan" in line for line in lines) == 1, "\n".join(lines)
     assert lines[-1].startswith("loss is nan at epoch 1, iteration 2; training stopped.")
@@ -187,15 +225,18 @@ def alter_image(dataset, section, alter):
     return image
 
 
-@pytest.mark.parametrize("section, alter, altered, problem", [
-    ("training", flip_first_axis, alter_label_grid, "is not on its image's voxel grid: axis directions differ"),
-    ("training", double_z_spacing, alter_label_grid, "is not on its image's voxel grid: voxel spacing differs"),
-    ("validation", translate, alter_label_grid, "is not on its image's voxel grid: origin differs by 5 mm"),
-    ("training", all_nan, alter_image, "NaN or infinite voxel(s)"),
-    ("training", constant, alter_image, "is constant"),
-    ("validation", all_nan, alter_image, "NaN or infinite voxel(s)"),
-    ("validation", constant, alter_image, "is constant"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "section, alter, altered, problem",
+    [
+        ("training", flip_first_axis, alter_label_grid, "is not on its image's voxel grid: axis directions differ"),
+        ("training", double_z_spacing, alter_label_grid, "is not on its image's voxel grid: voxel spacing differs"),
+        ("validation", translate, alter_label_grid, "is not on its image's voxel grid: origin differs by 5 mm"),
+        ("training", all_nan, alter_image, "NaN or infinite voxel(s)"),
+        ("training", constant, alter_image, "is constant"),
+        ("validation", all_nan, alter_image, "NaN or infinite voxel(s)"),
+        ("validation", constant, alter_image, "is constant"),
+    ],
+)
 def test_bad_case_stops_training_before_the_run(bundle, dataset, section, alter, altered, problem):
     bad_file = altered(dataset, section, alter)
     shipped = digest(bundle / "models" / "model.pt")
@@ -218,8 +259,9 @@ def test_nan_validation_image_stops_evaluate_json(bundle, dataset):
 def test_diverging_learning_rate_stops_before_a_model_is_written(bundle, phantom):
     # finite all the way (1.5e11 on the second iteration), so the NaN stop alone never fired
     shipped = digest(bundle / "models" / "model.pt")
-    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--learning_rate", "1000", "--epochs", "1",
-                             "--val_interval", "1")  # fmt: skip
+    code, lines = run_bundle(
+        bundle, "--dataset_dir", str(phantom), "--learning_rate", "1000", "--epochs", "1", "--val_interval", "1"
+    )
     assert code != 0 and "Traceback" not in "\n".join(lines)
     assert sum("training diverged" in line for line in lines) == 1, "\n".join(lines)
     assert "training diverged and was stopped before writing a model; lower --learning_rate." in lines[-1]
@@ -240,8 +282,9 @@ def test_training_keeps_the_shipped_model_aside(bundle, phantom):
     first_run_model = digest(bundle / "models" / "model.pt")
 
     # --resume false, as docs/README.md spells it, with that run's checkpoint present: a new run from epoch 1
-    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "1",
-                             "--resume", "false")  # fmt: skip
+    code, lines = run_bundle(
+        bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "1", "--resume", "false"
+    )
     assert code == 0, "\n".join(lines[-30:])
     assert not any("resuming run" in line for line in lines) and any("Epoch[1] Complete" in line for line in lines)
     kept = sorted((bundle / "models").glob("model.*.pt"))
@@ -265,10 +308,27 @@ def test_kill_9_mid_run_then_resume(bundle, phantom):
     import time
 
     checkpoints = bundle / "eval" / "checkpoints"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/tiny.json']",
-               "--dataset_dir", str(phantom), "--epochs", "4", "--val_interval", "2"]  # fmt: skip
-    run = subprocess.Popen(command, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/tiny.json']",
+        "--dataset_dir",
+        str(phantom),
+        "--epochs",
+        "4",
+        "--val_interval",
+        "2",
+    ]
+    run = subprocess.Popen(
+        command,
+        cwd=bundle,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 240
         while not (checkpoints / "checkpoint_epoch=2.pt").exists() and run.poll() is None and time.time() < deadline:
@@ -285,11 +345,14 @@ def test_kill_9_mid_run_then_resume(bundle, phantom):
     best_before = before["best_model"]
     model_before = digest(bundle / "models" / "model.pt")
 
-    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "4", "--val_interval", "2",
-                             "--resume", "true")  # fmt: skip
+    code, lines = run_bundle(
+        bundle, "--dataset_dir", str(phantom), "--epochs", "4", "--val_interval", "2", "--resume", "true"
+    )
     assert code == 0, "\n".join(lines[-30:])
-    assert any(f"resuming run {before['run']['id']} from eval/checkpoints/checkpoint_epoch={epoch}.pt at epoch {epoch}"
-               in line for line in lines), "\n".join(lines)  # fmt: skip
+    assert any(
+        f"resuming run {before['run']['id']} from eval/checkpoints/checkpoint_epoch={epoch}.pt at epoch {epoch}" in line
+        for line in lines
+    ), "\n".join(lines)
     assert any("Epoch[4] Complete" in line for line in lines) and not any(
         f"Epoch[{epoch}] Complete" in line for line in lines
     )
@@ -306,20 +369,42 @@ def test_kill_9_mid_run_then_resume(bundle, phantom):
 
 
 def test_stale_checkpoint_of_another_run(bundle, phantom):
-    code, lines = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--val_interval", "100",
-                             configs=("train.json", "losses/dice.json"))  # fmt: skip
+    code, lines = run_bundle(
+        bundle,
+        "--dataset_dir",
+        str(phantom),
+        "--epochs",
+        "1",
+        "--val_interval",
+        "100",
+        configs=("train.json", "losses/dice.json"),
+    )
     assert code == 0, "\n".join(lines[-30:])
     model = digest(bundle / "models" / "model.pt")
     result = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "3", "--resume", "true")
-    last = assert_one_message(result, "resume=true but none of the 1 checkpoint(s) in ./eval/checkpoints belongs to a "
-                                      "run of this config")  # fmt: skip
+    last = assert_one_message(
+        result, "resume=true but none of the 1 checkpoint(s) in ./eval/checkpoints belongs to a run of this config"
+    )
     assert "train without --resume" in last
-    assert ("checkpoint_epoch=1.pt: differs in loss ('scripts.losses.DiceLoss' there, 'scripts.losses.DiceCELoss' now)"
-            in result[1][-2])  # fmt: skip
+    assert (
+        "checkpoint_epoch=1.pt: differs in loss ('scripts.losses.DiceLoss' there, 'scripts.losses.DiceCELoss' now)"
+        in result[1][-2]
+    )
     assert digest(bundle / "models" / "model.pt") == model
     # the same checkpoint with its own run's settings fits, but has trained its epoch already
-    result = run_bundle(bundle, "--dataset_dir", str(phantom), "--epochs", "1", "--resume", "true",
-                        configs=("train.json", "losses/dice.json"))  # fmt: skip
-    assert_one_message(result, "checkpoint_epoch=1.pt ends epoch 1 of this run, so --epochs 1 leaves nothing to train; "
-                               "resume with --epochs above 1.")  # fmt: skip
+    result = run_bundle(
+        bundle,
+        "--dataset_dir",
+        str(phantom),
+        "--epochs",
+        "1",
+        "--resume",
+        "true",
+        configs=("train.json", "losses/dice.json"),
+    )
+    assert_one_message(
+        result,
+        "checkpoint_epoch=1.pt ends epoch 1 of this run, so --epochs 1 leaves nothing to train; "
+        "resume with --epochs above 1.",
+    )
     assert digest(bundle / "models" / "model.pt") == model

@@ -10,9 +10,22 @@ from monai.bundle.config_item import ComponentLocator
 from monai.utils import optional_import
 
 CONFIG_FILES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.json"))
-BTCV = ["background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach",
-        "aorta", "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland",
-        "left adrenal gland"]  # fmt: skip
+BTCV = [
+    "background",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "portal and splenic veins",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
+]
 
 
 def _targets(node):
@@ -51,8 +64,21 @@ def test_train_with_evaluate_and_presets_resolve_every_reference():
 
 def test_model_zoo_ids_present():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
-    for key in ("bundle_root", "ckpt_dir", "output_dir", "dataset_dir", "device", "network_def", "network", "loss",
-                "optimizer", "epochs", "initialize", "run", "finalize"):  # fmt: skip
+    for key in (
+        "bundle_root",
+        "ckpt_dir",
+        "output_dir",
+        "dataset_dir",
+        "device",
+        "network_def",
+        "network",
+        "loss",
+        "optimizer",
+        "epochs",
+        "initialize",
+        "run",
+        "finalize",
+    ):
         assert key in train, key
     assert {"trainer", "dataset", "dataloader", "inferer", "handlers", "preprocessing"} <= set(train["train"])
     assert {"evaluator", "dataset", "inferer", "handlers", "key_metric", "postprocessing"} <= set(train["validate"])

@@ -168,9 +168,14 @@ def test_fit_dataset_validates_on_its_own_training_cases(dataset, tmp_path):
 # --- the checks of issue 11: geometry, intensities, background-only labels, cached verdicts -----------------------
 
 
-@pytest.mark.parametrize("alter, problem", [(flip_first_axis, r"axis directions differ \(label (R|L)\w\w, image (?!\1)\w{3};"),
-                                            (double_z_spacing, r"voxel spacing differs by [\d.]+ mm \(tolerance 0.001 mm\)"),
-                                            (translate, r"origin differs by 5 mm \(tolerance 0.01 mm\)")])  # fmt: skip
+@pytest.mark.parametrize(
+    "alter, problem",
+    [
+        (flip_first_axis, r"axis directions differ \(label (R|L)\w\w, image (?!\1)\w{3};"),
+        (double_z_spacing, r"voxel spacing differs by [\d.]+ mm \(tolerance 0.001 mm\)"),
+        (translate, r"origin differs by 5 mm \(tolerance 0.01 mm\)"),
+    ],
+)
 def test_label_off_its_image_grid(dataset, alter, problem):
     label = case_file(dataset, "training", "label")
     resave(label, affine=alter(nib.load(label).affine))
@@ -189,10 +194,15 @@ def test_label_within_the_tolerance_passes(dataset):
 
 
 @pytest.mark.parametrize("section", ["training", "validation"])
-@pytest.mark.parametrize("alter, problem", [(all_nan, r"holds \d+ NaN or infinite voxel\(s\) of \d+"),
-                                            (one_infinite_voxel, r"holds 1 NaN or infinite voxel\(s\)"),
-                                            (constant, r"is constant \(every voxel is -1000, fewer than 2 distinct"),
-                                            (all_below_the_hu_window, f"has no voxel above {FOREGROUND_HU:g} HU")])  # fmt: skip
+@pytest.mark.parametrize(
+    "alter, problem",
+    [
+        (all_nan, r"holds \d+ NaN or infinite voxel\(s\) of \d+"),
+        (one_infinite_voxel, r"holds 1 NaN or infinite voxel\(s\)"),
+        (constant, r"is constant \(every voxel is -1000, fewer than 2 distinct"),
+        (all_below_the_hu_window, f"has no voxel above {FOREGROUND_HU:g} HU"),
+    ],
+)
 def test_images_that_hold_no_ct(dataset, section, alter, problem):
     image = case_file(dataset, section, "image")
     resave(image, data=alter(np.asanyarray(nib.load(image).dataobj).astype(np.float32)))
@@ -263,8 +273,12 @@ def test_check_command_reports_one_message(dataset):
 
     image = case_file(dataset, "validation", "image")
     resave(image, data=np.full(nib.load(image).shape, np.nan, np.float32))
-    done = subprocess.run([sys.executable, "-m", "scripts.data", "check", "--dataset_dir", str(dataset)],
-                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.data", "check", "--dataset_dir", str(dataset)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+    )
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1 and len(lines) == 2 and "Traceback" not in done.stderr
     assert lines[-1].startswith(f"image {image} holds") and "NaN" in lines[-1]

@@ -10,13 +10,36 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.example_ct import TOTALSEG_TO_BTCV, _onto_grid, btcv_lookup, build_example_ct, read_class_map, read_dicom_series
+from scripts.example_ct import (
+    TOTALSEG_TO_BTCV,
+    _onto_grid,
+    btcv_lookup,
+    build_example_ct,
+    read_class_map,
+    read_dicom_series,
+)
 
 # TotalSegmentator numbering differs from BTCV's, and between its tasks: only names may be trusted
-TOTAL = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
-         7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left", 15: "esophagus", 51: "heart",
-         52: "aorta", 63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein", 90: "brain"}  # fmt: skip
-MAP_TO_BINARY = f"import os\n\nclass_map = {{\n    'total_v1': {{1: 'spleen', 5: 'liver'}},\n    'total': {TOTAL!r},\n}}\n"
+TOTAL = {
+    1: "spleen",
+    2: "kidney_right",
+    3: "kidney_left",
+    4: "gallbladder",
+    5: "liver",
+    6: "stomach",
+    7: "pancreas",
+    8: "adrenal_gland_right",
+    9: "adrenal_gland_left",
+    15: "esophagus",
+    51: "heart",
+    52: "aorta",
+    63: "inferior_vena_cava",
+    64: "portal_vein_and_splenic_vein",
+    90: "brain",
+}
+MAP_TO_BINARY = (
+    f"import os\n\nclass_map = {{\n    'total_v1': {{1: 'spleen', 5: 'liver'}},\n    'total': {TOTAL!r},\n}}\n"
+)
 
 
 def _add(tar, name, payload):
@@ -82,14 +105,19 @@ def _element(group, element, vr, value: bytes):
 def _write_dicom(path, pixels, position, orientation=(1, 0, 0, 0, 1, 0), spacing=(0.8, 0.7)):
     numbers = lambda values: "\\".join(f"{v:g}" for v in values).encode()  # noqa: E731
     meta = _element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1\0")
-    body = b"".join([
-        _element(0x0020, 0x0032, b"DS", numbers(position)), _element(0x0020, 0x0037, b"DS", numbers(orientation)),
-        _element(0x0028, 0x0010, b"US", struct.pack("<H", pixels.shape[0])),
-        _element(0x0028, 0x0011, b"US", struct.pack("<H", pixels.shape[1])),
-        _element(0x0028, 0x0030, b"DS", numbers(spacing)), _element(0x0028, 0x0103, b"US", struct.pack("<H", 1)),
-        _element(0x0028, 0x1052, b"DS", b"-1024"), _element(0x0028, 0x1053, b"DS", b"1"),
-        _element(0x7FE0, 0x0010, b"OW", pixels.astype("<i2").tobytes()),
-    ])  # fmt: skip
+    body = b"".join(
+        [
+            _element(0x0020, 0x0032, b"DS", numbers(position)),
+            _element(0x0020, 0x0037, b"DS", numbers(orientation)),
+            _element(0x0028, 0x0010, b"US", struct.pack("<H", pixels.shape[0])),
+            _element(0x0028, 0x0011, b"US", struct.pack("<H", pixels.shape[1])),
+            _element(0x0028, 0x0030, b"DS", numbers(spacing)),
+            _element(0x0028, 0x0103, b"US", struct.pack("<H", 1)),
+            _element(0x0028, 0x1052, b"DS", b"-1024"),
+            _element(0x0028, 0x1053, b"DS", b"1"),
+            _element(0x7FE0, 0x0010, b"OW", pixels.astype("<i2").tobytes()),
+        ]
+    )
     path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
 
 
@@ -104,8 +132,9 @@ def test_dicom_series_geometry(tmp_path):
     np.testing.assert_array_equal(volume, stored.transpose(2, 1, 0).astype(np.float32) - 1024)
     # LPS -> RAS: column index grows towards patient left (-x in RAS), row index towards posterior (-y)
     np.testing.assert_allclose(affine, [[-0.7, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
-    target = nib.Nifti1Image(np.zeros((5, 4, 3), np.uint8), affine @ np.array(
-        [[-1, 0, 0, 4], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))  # the same grid stored with axis 0 flipped
+    target = nib.Nifti1Image(
+        np.zeros((5, 4, 3), np.uint8), affine @ np.array([[-1, 0, 0, 4], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    )  # the same grid stored with axis 0 flipped
     np.testing.assert_array_equal(_onto_grid(volume, affine, target, "case"), volume[::-1])
     moved = affine.copy()
     moved[:3, 3] += 3.0

@@ -81,8 +81,7 @@ def test_generate_writes_msd_dataset(tmp_path):
     assert image.shape == label.shape
     np.testing.assert_allclose(image.affine, label.affine)
     again = generate(tmp_path / "q", num_cases=3, num_validation=1, spacing_scale=2.5)
-    np.testing.assert_array_equal(np.asanyarray(nib.load(again / first["label"]).dataobj),
-                                  np.asanyarray(label.dataobj))  # fmt: skip
+    np.testing.assert_array_equal(np.asanyarray(nib.load(again / first["label"]).dataobj), np.asanyarray(label.dataobj))
     assert not list(out.rglob(".tmp_*"))
 
 

@@ -68,11 +68,17 @@ def test_evaluation_writes_per_organ_csv(trained, phantom):
 def test_inference_keeps_input_shape_and_affine(trained, phantom, tmp_path):
     out, _ = trained
     settings = {k: v for k, v in TINY.items() if k not in ("batch_size", "num_samples")}
-    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
-                              logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer",
-                              bundle_root=str(BUNDLE_ROOT), input=str(phantom / "imagesTr"),
-                              output_dir=str(tmp_path), ckpt_path=str(out / "models" / "model.pt"),
-                              **settings)  # fmt: skip
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        input=str(phantom / "imagesTr"),
+        output_dir=str(tmp_path),
+        ckpt_path=str(out / "models" / "model.pt"),
+        **settings,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
@@ -134,8 +140,14 @@ def test_every_registered_loss_has_a_preset():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_one_iteration(phantom, tmp_path, preset):
-    workflow = run_training(phantom, tmp_path, extra_files=[f"losses/{preset}.json"], epochs=1, val_interval=100,
-                            **{"train#trainer#epoch_length": 1})  # fmt: skip
+    workflow = run_training(
+        phantom,
+        tmp_path,
+        extra_files=[f"losses/{preset}.json"],
+        epochs=1,
+        val_interval=100,
+        **{"train#trainer#epoch_length": 1},
+    )
     preset_target = json.loads((CONFIGS / "losses" / f"{preset}.json").read_text())["loss"]["_target_"]
     assert type(workflow.trainer.loss_function).__name__ == preset_target.rsplit(".", 1)[-1]
     assert workflow.trainer.state.iteration == 1
@@ -169,8 +181,11 @@ def test_divergence_rule_on_a_plain_engine(tmp_path):
 
     assert run([3.7, 3.5, 300.0, 2.0]) == 4  # 300 < 100 x 3.7: a bad batch, not divergence
     assert run([0.02, 0.9, 1.2, 99.0]) == 4  # fine-tuning from a low loss: measured against 1.0, not 0.02
-    with pytest.raises(DivergingLossError, match=r"loss is 371 at epoch 1, iteration 3, above 100 x the run's first "
-                                                 r"loss \(3\.7, at least 1\): training diverged"):  # fmt: skip
+    with pytest.raises(
+        DivergingLossError,
+        match=r"loss is 371 at epoch 1, iteration 3, above 100 x the run's first "
+        r"loss \(3\.7, at least 1\): training diverged",
+    ):
         run([3.7, 3.5, 371.0, 2.0])
 
 
@@ -180,8 +195,9 @@ def test_resume_takes_the_new_learning_rate_and_epochs(phantom, tmp_path, capsys
     one_iteration = {"train#trainer#epoch_length": 1}
     run_training(phantom, tmp_path, epochs=2, val_interval=100, **one_iteration)
     capsys.readouterr()
-    workflow = run_training(phantom, tmp_path, epochs=4, val_interval=100, learning_rate=1e-4, resume="true",
-                            **one_iteration)  # fmt: skip
+    workflow = run_training(
+        phantom, tmp_path, epochs=4, val_interval=100, learning_rate=1e-4, resume="true", **one_iteration
+    )
     assert workflow.trainer.state.epoch == 4 and workflow.trainer.state.iteration == 4  # 2 more epochs, not 4
     log = capsys.readouterr().out  # logging.conf's handler writes to stdout
     notes = [line.split(" - ")[-1] for line in log.splitlines() if " - resume: " in line]
@@ -201,6 +217,13 @@ def test_only_the_last_epoch_checkpoints_are_kept(phantom, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "eval" / "checkpoints").iterdir())
     assert kept == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]  # keep_epoch_checkpoints: 2 by default
     # a resumed run of 2 more epochs, keeping 1: its own older checkpoints go too
-    run_training(phantom, tmp_path, epochs=5, val_interval=100, resume=True, keep_epoch_checkpoints="1",
-                 **{"train#trainer#epoch_length": 1})  # fmt: skip
+    run_training(
+        phantom,
+        tmp_path,
+        epochs=5,
+        val_interval=100,
+        resume=True,
+        keep_epoch_checkpoints="1",
+        **{"train#trainer#epoch_length": 1},
+    )
     assert [p.name for p in (tmp_path / "eval" / "checkpoints").iterdir()] == ["checkpoint_epoch=5.pt"]

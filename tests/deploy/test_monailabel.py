@@ -146,8 +146,10 @@ def test_infer_task_writes_the_bundles_mask_in_the_input_space(bundle, studies):
 def test_infer_task_gives_the_voxels_it_gave_with_invertd(bundle, invertd_bundle, studies):
     """BundleInferTask appends its own Restored to the config's postprocessing: with InvertArgmaxd in place of
     Invertd + AsDiscreted, every study's mask is the same, voxel for voxel, on the same grid."""
-    postprocessing = [t["_target_"] for t in json.loads((bundle / "configs" / "inference.json").read_text())[
-        "postprocessing"]["transforms"]]  # fmt: skip
+    postprocessing = [
+        t["_target_"]
+        for t in json.loads((bundle / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    ]
     assert "scripts.lean_inverse.InvertArgmaxd" in postprocessing and "Invertd" not in postprocessing
     ours, before = BundleInferTask(str(bundle), {}), BundleInferTask(str(invertd_bundle), {})
     for image in (non_ras_image(studies), sorted(studies.glob("*.nii.gz"))[0]):
@@ -169,8 +171,13 @@ def test_train_task_fine_tunes_the_shipped_model_for_one_epoch(bundle, studies):
 
     task = BundleTrainTask(str(bundle), {})
     assert task.is_valid()
-    request = {"model": "ct_organ_segmentation", "max_epochs": 1, "device": "cpu", "val_split": 0.34,
-               "multi_gpu": False}  # fmt: skip
+    request = {
+        "model": "ct_organ_segmentation",
+        "max_epochs": 1,
+        "device": "cpu",
+        "val_split": 0.34,
+        "multi_gpu": False,
+    }
     task(request, datastore)
 
     # MONAI Label passed its own datalist: the bundle neither generated nor checked its default phantom dataset
@@ -199,8 +206,14 @@ def test_train_task_on_several_gpus_runs_multi_gpu_train_json(bundle, studies, m
     shipped = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     datastore = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
 
-    request = {"model": "ct_organ_segmentation", "max_epochs": 1, "device": "cpu", "val_split": 0.34,
-               "force_multi_gpu": True, "gpus": "0,1"}  # fmt: skip
+    request = {
+        "model": "ct_organ_segmentation",
+        "max_epochs": 1,
+        "device": "cpu",
+        "val_split": 0.34,
+        "force_multi_gpu": True,
+        "gpus": "0,1",
+    }
     with caplog.at_level(logging.INFO, logger="monailabel.tasks.train.bundle"):
         BundleTrainTask(str(bundle), {})(request, datastore)
 

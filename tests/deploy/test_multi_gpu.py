@@ -112,15 +112,27 @@ def run_two_gloo_processes(bundle_root: Path, dataset_dir: Path) -> str:
     configs = bundle_root / "configs"
     config_files = [str(configs / "train.json"), str(configs / "multi_gpu_train.json"), str(report_config)]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run",
-        "--config_file", repr(config_files),
-        "--bundle_root", str(bundle_root),
-        "--dataset_dir", str(dataset_dir),
-        "--epochs", "1",
-        "--val_interval", "1",
-        "--device", "$torch.device('cpu')",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(config_files),
+        "--bundle_root",
+        str(bundle_root),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--device",
+        "$torch.device('cpu')",
+    ]
     # one thread per process: two processes on two cores, no oversubscription
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300)

@@ -59,5 +59,15 @@ def ct_folder(tmp_path_factory) -> Path:
 
 
 def infer_args(tiny_bundle: dict, *extra: str) -> list[str]:
-    return [*extra, "--config", *tiny_bundle["config"], "--model", tiny_bundle["model"], "--device", "cpu",
-            "--num-workers", "0", "--no-progress"]  # fmt: skip
+    return [
+        *extra,
+        "--config",
+        *tiny_bundle["config"],
+        "--model",
+        tiny_bundle["model"],
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]

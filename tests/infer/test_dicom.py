@@ -19,8 +19,14 @@ from scripts.infer import main
 pydicom = pytest.importorskip("pydicom")
 
 
-def write_series(folder: Path, volume: np.ndarray, spacing=(0.8, 0.9, 3.0), origin=(120.0, 95.0, -40.0),
-                 row_direction=(-1.0, 0.0, 0.0), column_direction=(0.0, -1.0, 0.0)) -> Path:  # fmt: skip
+def write_series(
+    folder: Path,
+    volume: np.ndarray,
+    spacing=(0.8, 0.9, 3.0),
+    origin=(120.0, 95.0, -40.0),
+    row_direction=(-1.0, 0.0, 0.0),
+    column_direction=(0.0, -1.0, 0.0),
+) -> Path:
     """``volume`` (columns x rows x slices, HU) as one CT series of single-frame files in ``folder``: each slice's
     pixel rows run along ``row_direction`` (LPS patient coordinates, as DICOM has them), slices along their
     cross product, files in reverse slice order (readers must sort by position, not by name)."""
@@ -117,7 +123,8 @@ def test_a_missing_slice_is_reported_by_its_folder(tiny_bundle, tmp_path, capsys
     out = tmp_path / "out"
     assert main(infer_args(tiny_bundle, str(series), "--output", str(out))) == 1
     assert f"FAILED {series}: the slices, in InstanceNumber order, are not evenly spaced (steps from 3 to 6 mm)" in (
-        capsys.readouterr().out)  # fmt: skip
+        capsys.readouterr().out
+    )
     assert not list(out.glob("*.nii.gz"))
 
 

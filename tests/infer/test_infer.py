@@ -45,9 +45,16 @@ def test_mask_on_the_input_grid(inferred, ct_folder, name):
 
 def test_masks_equal_monai_bundle_run(inferred, tiny_bundle, ct_folder, tmp_path):
     meta = str(BUNDLE_ROOT / "configs" / "metadata.json")
-    workflow = ConfigWorkflow(config_file=tiny_bundle["config"], meta_file=meta, workflow_type="infer",
-                              bundle_root=str(BUNDLE_ROOT), input=str(ct_folder), output_dir=str(tmp_path),
-                              ckpt_path=tiny_bundle["model"], device="$torch.device('cpu')")  # fmt: skip
+    workflow = ConfigWorkflow(
+        config_file=tiny_bundle["config"],
+        meta_file=meta,
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        input=str(ct_folder),
+        output_dir=str(tmp_path),
+        ckpt_path=tiny_bundle["model"],
+        device="$torch.device('cpu')",
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -62,8 +69,10 @@ def test_masks_equal_the_model_zoo_postprocessing(inferred, tiny_bundle, ct_fold
     """The config's chunked inverse (InvertArgmaxd) against the model zoo's Activationsd -> Invertd -> AsDiscreted,
     kept in configs/reference/inference_invertd.json, both through the script on the LAS, LPS and permuted phantoms."""
     inference_json, tiny = tiny_bundle["config"]
-    reference = {**tiny_bundle, "config": [inference_json, str(BUNDLE_ROOT / "configs" / "reference" /
-                                                               "inference_invertd.json"), tiny]}  # fmt: skip
+    reference = {
+        **tiny_bundle,
+        "config": [inference_json, str(BUNDLE_ROOT / "configs" / "reference" / "inference_invertd.json"), tiny],
+    }
     assert main(infer_args(reference, str(ct_folder), "--output", str(tmp_path))) == 0
     for name in NAMES:
         expected = np.asanyarray(nib.load(tmp_path / f"{name}_seg.nii.gz").dataobj)
@@ -147,8 +156,10 @@ BAD_INPUTS = {
     "2d": (lambda p: save_nifti(p, _ct((24, 20)), CT_AFFINE), "2D image"),
     "single_slice": (lambda p: save_nifti(p, _ct((24, 20, 1)), CT_AFFINE), "2D image"),
     "three_channels": (lambda p: save_nifti(p, _ct((24, 20, 12, 3)), CT_AFFINE), "3 channels"),
-    "normalised": (lambda p: save_nifti(p, np.random.default_rng(0).random((24, 20, 12), dtype=np.float32), CT_AFFINE),
-                   "not CT Hounsfield units"),  # fmt: skip
+    "normalised": (
+        lambda p: save_nifti(p, np.random.default_rng(0).random((24, 20, 12), dtype=np.float32), CT_AFFINE),
+        "not CT Hounsfield units",
+    ),
     "eight_bit": (lambda p: save_nifti(p, _ct().clip(0, 255).astype(np.uint8), CT_AFFINE), "not CT Hounsfield units"),
     "nan": (lambda p: save_nifti(p, np.where(_ct() > 0, np.nan, _ct()).astype(np.float32), CT_AFFINE), "NaN"),
 }
@@ -241,8 +252,9 @@ def test_two_inputs_with_one_output_name(tiny_bundle, ct_folder, tmp_path, capsy
 def test_msd_dataset_json_input(tiny_bundle, ct_folder, tmp_path):
     for name in ("las", "lps"):
         shutil.copy(ct_folder / f"{name}.nii.gz", tmp_path / f"{name}.nii.gz")
-    (tmp_path / "dataset.json").write_text(json.dumps({"test": ["lps.nii.gz"], "training": [
-        {"image": "las.nii.gz", "label": "las.nii.gz"}]}))  # fmt: skip
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"test": ["lps.nii.gz"], "training": [{"image": "las.nii.gz", "label": "las.nii.gz"}]})
+    )
     assert main(infer_args(tiny_bundle, str(tmp_path / "dataset.json"), "--output", str(tmp_path / "o"))) == 0
     assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["lps_seg.nii.gz"]
 
@@ -278,10 +290,12 @@ def test_command_line_exit_status(tiny_bundle, ct_folder, tmp_path):
     """``python -m scripts.infer`` from the bundle root: a bad file among good ones gives exit status 1."""
     shutil.copy(ct_folder / "las.nii.gz", tmp_path / "good.nii.gz")
     _corrupt(tmp_path / "bad.nii.gz")
-    args = infer_args(tiny_bundle, str(tmp_path / "good.nii.gz"), str(tmp_path / "bad.nii.gz"), "--output",
-                      str(tmp_path / "o"))  # fmt: skip
-    run = subprocess.run([sys.executable, "-m", "scripts.infer", *args], cwd=BUNDLE_ROOT, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    args = infer_args(
+        tiny_bundle, str(tmp_path / "good.nii.gz"), str(tmp_path / "bad.nii.gz"), "--output", str(tmp_path / "o")
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.infer", *args], cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1, run.stderr
     assert "1 written, 1 failed" in run.stdout and f"FAILED {tmp_path / 'bad.nii.gz'}" in run.stdout
     assert (tmp_path / "o" / "good_seg.nii.gz").is_file()

@@ -141,10 +141,12 @@ def test_every_chunk_and_slab_size_gives_the_same_labels(ct_files, chunk_size, s
     parser = parsed(CONFIGS / "inference.json")
     preprocessing = parser.get_parsed_content("preprocessing")
     data = Activationsd("pred", softmax=True)(preprocessed_with_pred(parser, ct_files["oblique"], seed=1))
-    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
-                         AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
-    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
-                           slab_voxels=slab_voxels)(dict(data))["pred"]  # fmt: skip
+    reference = Compose(
+        [Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False), AsDiscreted("pred", argmax=True)]
+    )(dict(data))["pred"]
+    labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size, slab_voxels=slab_voxels)(dict(data))[
+        "pred"
+    ]
     assert torch.equal(labels.as_tensor(), reference.as_tensor())
     np.testing.assert_allclose(labels.affine.numpy(), reference.affine.numpy(), atol=0)
 
@@ -163,12 +165,16 @@ def test_the_bundles_preprocessing_takes_the_slab_path_and_others_the_whole_volu
     preprocessing = parser.get_parsed_content("preprocessing", lazy=False)
     twice = preprocessing({"image": ct_files["lps"]})
     twice["pred"] = MetaTensor(smooth_logits(twice["image"].shape[1:], seed=6), meta=twice["image"].meta)
-    assert [op["class"] for op in twice["image"].applied_operations] == ["Orientation", "SpatialResample",
-                                                                          "SpatialResample"]  # fmt: skip
+    assert [op["class"] for op in twice["image"].applied_operations] == [
+        "Orientation",
+        "SpatialResample",
+        "SpatialResample",
+    ]
     assert lean_inverse.inverse_stages(preprocessing, twice["image"], "image") is None
     probabilities = Activationsd("pred", softmax=True)(twice)
-    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
-                         AsDiscreted("pred", argmax=True)])(dict(probabilities))["pred"]  # fmt: skip
+    reference = Compose(
+        [Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False), AsDiscreted("pred", argmax=True)]
+    )(dict(probabilities))["pred"]
     labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=3)(dict(probabilities))["pred"]
     assert labels.shape == (1, *GRIDS["lps"][0]) and torch.equal(labels.as_tensor(), reference.as_tensor())
 
@@ -182,12 +188,14 @@ def test_ties_go_to_the_lowest_channel_as_in_argmax(ct_files):
     logits = smooth_logits(data["image"].shape[1:], seed=2)
     logits[9] = logits[2]
     data["pred"] = MetaTensor(torch.softmax(logits, 0), meta=data["image"].meta)  # as the inferer gives it
-    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
-                         AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
+    reference = Compose(
+        [Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False), AsDiscreted("pred", argmax=True)]
+    )(dict(data))["pred"]
     assert (reference == 2).sum() > 100 and not (reference == 9).any()
     for chunk_size, slab_voxels in ((4, 1000), (4, None), (14, 10**9)):
-        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
-                               slab_voxels=slab_voxels)(dict(data))["pred"]  # fmt: skip
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size, slab_voxels=slab_voxels)(
+            dict(data)
+        )["pred"]
         assert torch.equal(labels.as_tensor(), reference.as_tensor()), (chunk_size, slab_voxels)
 
 
@@ -210,9 +218,13 @@ def test_evaluate_json_inverts_pred_and_label_as_before(tmp_path):
     assert any(op["class"] == "CropForeground" for op in data["image"].applied_operations)
     data["pred"] = MetaTensor(smooth_logits(data["image"].shape[1:], seed=3), meta=data["image"].meta)
 
-    former = Compose([Activationsd("pred", softmax=True),
-                      Invertd(["pred", "label"], preprocessing, orig_keys="image", nearest_interp=[False, True]),
-                      AsDiscreted("pred", argmax=True)])(dict(data))  # fmt: skip
+    former = Compose(
+        [
+            Activationsd("pred", softmax=True),
+            Invertd(["pred", "label"], preprocessing, orig_keys="image", nearest_interp=[False, True]),
+            AsDiscreted("pred", argmax=True),
+        ]
+    )(dict(data))
     ours = Compose(postprocessing.transforms[:3])(dict(data))
     assert ours["pred"].shape == (1, *shape)
     assert torch.equal(ours["pred"].as_tensor(), former["pred"].as_tensor())
@@ -243,8 +255,9 @@ def test_channels_that_cannot_win_in_a_slab_are_skipped_with_the_same_labels(
     data = preprocessing({"image": ct_files[name]})
     data["pred"] = MetaTensor(banded_logits(data["image"].shape[1:], seed=7), meta=data["image"].meta)
     data = Activationsd("pred", softmax=True)(data)
-    reference = Compose([Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False),
-                         AsDiscreted("pred", argmax=True)])(dict(data))["pred"]  # fmt: skip
+    reference = Compose(
+        [Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False), AsDiscreted("pred", argmax=True)]
+    )(dict(data))["pred"]
     resampled = []
     resample_slab = lean_inverse.resample_slab
 
@@ -258,8 +271,10 @@ def test_channels_that_cannot_win_in_a_slab_are_skipped_with_the_same_labels(
     ]
     assert len(torch.unique(reference)) >= 8, "the bands should give most organs a place to win"
     assert torch.equal(labels.as_tensor(), reference.as_tensor())
-    slabs = math.ceil(data["image"].applied_operations[-1]["orig_size"][-1] / max(
-        1, slab_voxels // math.prod(data["image"].applied_operations[-1]["orig_size"][:-1])))  # fmt: skip
+    slabs = math.ceil(
+        data["image"].applied_operations[-1]["orig_size"][-1]
+        / max(1, slab_voxels // math.prod(data["image"].applied_operations[-1]["orig_size"][:-1]))
+    )
     assert sum(resampled) < NUM_CLASSES * slabs, "no channel was skipped"
     if name == "fine":  # axis-aligned slabs reach few network slices: most organs are out of reach
         assert sum(resampled) < 0.75 * NUM_CLASSES * slabs
@@ -324,8 +339,9 @@ def fine_probabilities(ct_files):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3])
-def test_whole_volumes_never_hold_more_than_chunk_size_full_resolution_channels(fine_probabilities,
-                                                                                monkeypatch, chunk_size):  # fmt: skip
+def test_whole_volumes_never_hold_more_than_chunk_size_full_resolution_channels(
+    fine_probabilities, monkeypatch, chunk_size
+):
     """Whole-volume path: one call of the per-chunk inverse per chunk, each with ``chunk_size`` channels at most,
     and no operation makes a full-resolution tensor of more than ``chunk_size`` channels, where the model zoo's
     pipeline makes one of all 14 (the probe can fail)."""
@@ -339,8 +355,9 @@ def test_whole_volumes_never_hold_more_than_chunk_size_full_resolution_channels(
 
     monkeypatch.setattr(lean_inverse, "invert_channels", counting)
     with ChannelStacks(full_shape) as ours:
-        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
-                               slab_voxels=None)(dict(data))["pred"]  # fmt: skip
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size, slab_voxels=None)(dict(data))[
+            "pred"
+        ]
     assert labels.shape == (1, *full_shape)
     assert chunks == expected_chunks(chunk_size)
     assert 1 <= ours.most <= chunk_size
@@ -369,13 +386,15 @@ def test_slabs_never_hold_more_than_one_full_resolution_channel(fine_probabiliti
 
     monkeypatch.setattr(lean_inverse, "resample_slab", counting)
     with LargestTensor() as ours:
-        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size,
-                               slab_voxels=slab_voxels)(dict(data))["pred"]  # fmt: skip
+        labels = InvertArgmaxd("pred", preprocessing, "image", chunk_size=chunk_size, slab_voxels=slab_voxels)(
+            dict(data)
+        )["pred"]
     assert labels.shape == (1, *full_shape)
     slabs = math.ceil(resampled_shape[-1] / 2)
     assert [c for c, _ in calls] == expected_chunks(chunk_size) * slabs
     assert {d for _, d in calls} <= {1, 2} and sum(d for _, d in calls) == resampled_shape[-1] * len(
-        expected_chunks(chunk_size))  # fmt: skip
+        expected_chunks(chunk_size)
+    )
     assert ours.most <= voxels
 
     with LargestTensor() as reference:
