@@ -117,14 +117,16 @@ def _index_focal_terms(
         elif alpha is not None:
             alpha_neg, alpha_pos = 1 - alpha, alpha
         logit = logits.gather(1, labels_c).squeeze(1)
-        negative = F.softplus(logit) * torch.exp(gamma * F.logsigmoid(logit)) * alpha_neg
-        # times 0, not 0: a non-finite logit there still makes the loss non-finite
+        # the logit times 0, not 0: a non-finite logit there still makes the loss non-finite
         base = F.softplus(logits) * torch.exp(gamma * F.logsigmoid(logits)) * alpha_neg
-        base = base.scatter_(1, labels_c, negative.unsqueeze(1) * 0)
+        base = base.scatter_(1, labels_c, (logit * 0).unsqueeze(1))
         positive = F.softplus(-logit) * torch.exp(gamma * F.logsigmoid(-logit))
         if alpha_pos is not None:
             positive = positive * alpha_pos
-        return base, positive if labelled is None else torch.where(labelled, positive, negative)
+        if labelled is None:
+            return base, positive
+        negative = F.softplus(logit) * torch.exp(gamma * F.logsigmoid(logit)) * alpha_neg
+        return base, torch.where(labelled, positive, negative)
     if labelled is not None:
         at_label = at_label * labelled
     return base, at_label
