@@ -95,13 +95,11 @@ def check_ignore_index(ignore_index: int | None) -> int | None:
     if ignore_index is None:
         return None
     try:
-        number = int(ignore_index)
-        valid = not isinstance(ignore_index, bool) and number == (
-            int(ignore_index.strip()) if isinstance(ignore_index, str) else ignore_index
-        )
+        number = int(ignore_index)  # int("2.5") fails; int(2.5) truncates, caught below
     except (TypeError, ValueError):
-        valid = False
-    if not valid:
+        number = None
+    typed_as_text = isinstance(ignore_index, str)
+    if number is None or isinstance(ignore_index, bool) or (not typed_as_text and number != ignore_index):
         raise LossInputError(f"ignore_index must be None or an integer, got {ignore_index!r}.")
     return number
 
