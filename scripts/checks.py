@@ -12,12 +12,16 @@ A case is refused, with one message naming the file, when
 A label holding only background is a warning, listed once per run. The checks read every voxel, so a verdict is
 kept in ``<dataset_dir>/.bundle_checks.json``, keyed by each file's path, size and modification time: a second
 run reads only the files that changed.
+
+The inputs of ``configs/inference.json`` (:class:`InferenceInputs`) get the image checks, uncached; a bad one is
+reported on its own line and left out, and the run ends with an error naming it after the others were segmented.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from scripts.data import NUM_CLASSES, DatasetError, _load
+from scripts.errors import BundleError
 
 # how far a label's affine may be from its image's: spacing and origin in mm, direction cosines unitless
 GEOMETRY_TOLERANCE = {"spacing": 1e-3, "origin": 1e-2, "direction": 1e-4}
@@ -92,19 +97,27 @@ def check_geometry(item: dict, image: nib.Nifti1Image, label: nib.Nifti1Image) -
         )
 
 
-def check_intensities(path: str, data: np.ndarray) -> None:
-    """Refuse an image that is not finite, holds one value, or has no voxel above :data:`FOREGROUND_HU`."""
-    finite = np.isfinite(data)
-    if not finite.all():
-        count = int(data.size - finite.sum())
+def check_finite_and_varied(path: str, data: np.ndarray) -> tuple[float, float]:
+    """Refuse an image holding NaN or infinite values or a single value; returns its lowest and highest value.
+
+    These hold whatever the intensities mean (``scripts.infer --no-hu-check`` too): such an image has nothing
+    for a network to segment, and a mask of it would be all background without a word."""
+    low, high = float(data.min()), float(data.max())  # a NaN anywhere makes both NaN: no full-size mask to build
+    if not (math.isfinite(low) and math.isfinite(high)):
+        count = int(data.size - np.count_nonzero(np.isfinite(data)))
         raise DatasetError(
             f"image {path} holds {count} NaN or infinite voxel(s) of {data.size}; a CT image must be finite everywhere."
         )
-    low, high = float(data.min()), float(data.max())
     if low == high:
         raise DatasetError(
             f"image {path} is constant (every voxel is {low:g}, fewer than 2 distinct values); it holds no image."
         )
+    return low, high
+
+
+def check_intensities(path: str, data: np.ndarray) -> None:
+    """Refuse an image that is not finite, holds one value, or has no voxel above :data:`FOREGROUND_HU`."""
+    low, high = check_finite_and_varied(path, data)
     if high <= FOREGROUND_HU:
         raise DatasetError(
             f"image {path} has no voxel above {FOREGROUND_HU:g} HU (its values lie in "
@@ -218,3 +231,81 @@ def check_dataset(
             + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
         )
     return background_only
+
+
+class InferenceInputs:
+    """The inputs of ``configs/inference.json``, each checked before the first mask is written.
+
+    A bad input (unreadable, not 3D, NaN or infinite voxels, constant, nothing above :data:`FOREGROUND_HU`) is
+    logged on one line naming the file and left out, so that the others are still segmented, as ``scripts.infer``
+    does; :meth:`report`, the config's last ``run`` step, then ends the run with an error naming them, so that a
+    script calling the bundle sees a non-zero exit code. The check reads every voxel of an input once more; inputs
+    are not cached, because the verdict cache would be written into the user's folder of CTs.
+    """
+
+    def __init__(self, datalist: list[dict], key: str = "image") -> None:
+        self.total = len(datalist)
+        self.good: list[dict] = []
+        self.failed: dict[str, str] = {}
+        for item in datalist:
+            try:
+                check_case({"image": item[key]})
+            except DatasetError as error:
+                self.failed[item[key]] = " ".join(str(error).splitlines())  # a library's message may span lines
+                logger.warning(f"not segmented: {self.failed[item[key]]}")
+            else:
+                self.good.append(item)
+        if self.failed and not self.good:
+            raise DatasetError(self.summary())
+
+    def summary(self) -> str:
+        """The last line of a run that left inputs out: which ones, and why when it is one."""
+        if len(self.failed) == 1:
+            why = next(iter(self.failed.values())).rstrip(".")
+        else:
+            shown = list(self.failed)[:5]
+            more = f" and {len(self.failed) - 5} more" if len(self.failed) > 5 else ""
+            why = f"{', '.join(shown)}{more} ({len(self.failed)} of {self.total} inputs; why: each on its line above)"
+        done = f"the other {len(self.good)} were segmented" if self.good else "nothing was written"
+        return f"not segmented: {why}; {done}."
+
+    def report(self) -> bool:
+        """Raise naming the inputs left out, after the others were segmented; True when there were none."""
+        if self.failed:
+            raise DatasetError(self.summary())
+        return True
+
+
+class CheckpointError(BundleError, ValueError):
+    """A model file that cannot segment anything; the message names it."""
+
+
+def check_finite_weights(network, path: str) -> bool:
+    """Refuse loaded weights holding NaN or infinite values (saved by a run that diverged): every image would get a
+    NaN network output, reported deep inside the postprocessing. True, for use in a config expression."""
+    import torch
+
+    state = network.state_dict()
+    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights ({len(bad)} of {len(state)} tensors, e.g. {bad[0]}); "
+            "it cannot segment anything: train again or use another checkpoint."
+        )
+    return True
+
+
+class FiniteWeights:
+    """Ignite handler: :func:`check_finite_weights` when the engine starts, after the ``CheckpointLoader`` listed
+    before it has loaded ``path`` into ``network``."""
+
+    def __init__(self, network, path: str) -> None:
+        self.network, self.path = network, path
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine) -> None:
+        check_finite_weights(self.network, self.path)
