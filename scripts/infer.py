@@ -13,12 +13,12 @@ The network, preprocessing, sliding-window inferer and postprocessing are the id
 ``monai.bundle.ConfigParser`` (``--config`` merges other files over it like ``monai.bundle run``), so this
 script and ``python -m monai.bundle run --config_file configs/inference.json`` compute the same masks; the
 config's ``SaveImaged`` is replaced by an atomic writer that never overwrites without ``--overwrite`` and
-writes in the input's own grid, affine and qform/sform codes.
+writes in the input's own grid with its qform and sform and their codes.
 
 What the script adds to ``monai.bundle run``: autocast (``--amp``), loading in ``DataLoader`` workers while
 the device computes, writing in a background thread, a per-file check of every input (readable, 3D, one
-channel, Hounsfield-unit intensities) that reports a bad file and goes on, a sidecar JSON of organ names
-next to each mask, optional per-organ volumes in mL, a progress bar and a speed summary.
+channel, finite and not constant, Hounsfield-unit intensities) that reports a bad file and goes on, a sidecar
+JSON of organ names next to each mask, optional per-organ volumes in mL, a progress bar and a speed summary.
 
 Exit status: 0 when every input was written, 1 when any input failed or was skipped (bad file, existing
 output without ``--overwrite``), 2 for a usage or configuration error (nothing processed).
@@ -32,8 +32,8 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -44,8 +44,11 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.data import decollate_batch, list_data_collate
+from monai.data import ImageWriter, NibabelWriter, decollate_batch, list_data_collate
 from monai.transforms import Compose, LoadImaged, SaveImaged
+
+from scripts.checks import check_finite_and_varied
+from scripts.data import DatasetError
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
@@ -101,11 +104,8 @@ def check_header(path: str, num_channels: int) -> nib.spatialimages.SpatialImage
     return image
 
 
-def check_hounsfield(path: str, image: torch.Tensor) -> None:
-    """Check that the loaded voxel values can be Hounsfield units of a CT (see ``AIR_CEILING_HU``)."""
-    low, high = (float(v) for v in torch.aminmax(image))  # one pass; a NaN anywhere makes both NaN
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise InputError(f"{path}: expected finite CT intensities, got NaN or infinite values.")
+def check_hounsfield(path: str, low: float, high: float) -> None:
+    """Check that an image's lowest and highest values can be Hounsfield units of a CT (see ``AIR_CEILING_HU``)."""
     if low > AIR_CEILING_HU or high < TISSUE_FLOOR_HU:
         raise InputError(
             f"{path}: intensities in [{low:g}, {high:g}] are not CT Hounsfield units (expected air "
@@ -198,11 +198,13 @@ class CheckedInputs(torch.utils.data.Dataset):
         path = self.paths[index]
         try:
             data, affine, header, shape = self.load(path)
+            # NaN, infinite or constant: no image to segment, whatever the intensities mean (--no-hu-check too)
+            low, high = check_finite_and_varied(path, np.asarray(data[self.image_key]))
             if self.hu_check:
-                check_hounsfield(path, data[self.image_key])
+                check_hounsfield(path, low, high)
             data = self.transforms(data)
             return {"path": path, "data": data, "affine": affine, "header": header, "shape": shape}
-        except InputError as error:
+        except (InputError, DatasetError) as error:
             return {"path": path, "error": str(error)}
         except Exception as error:  # a corrupt gzip stream or a transform failing on odd data
             return {"path": path, "error": f"{path}: cannot load or preprocess ({type(error).__name__}: {error})."}
@@ -236,7 +238,7 @@ def dicom_series(folder: Path) -> list[str]:
 def collect_inputs(sources: list[str], summary: Summary) -> list[str]:
     """Every NIfTI and DICOM series named by ``sources`` (files, folders, folders of DICOM series, datalists, MSD
     ``dataset.json``), in order, once. A DICOM series is given by its folder."""
-    from scripts.data import NIFTI_SUFFIXES, DatasetError, inference_datalist
+    from scripts.data import NIFTI_SUFFIXES, inference_datalist
 
     paths: list[str] = []
     for source in sources:
@@ -355,10 +357,17 @@ def output_name(input_path: str, postfix: str, ext: str) -> str:
     return f"{stem}_{postfix}{ext}" if postfix else f"{stem}{ext}"
 
 
+def _new_temporary(target: Path) -> str:
+    """An empty file beside ``target`` whose permissions the umask alone decides (0644 under umask 022), as for a
+    file written directly: ``tempfile.mkstemp`` creates 0600, which the rename would carry over to the mask."""
+    tmp = str(target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{split_ext(target.name)[1]}"))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
 def _replace_atomically(target: Path, write) -> None:
     """``write(tmp)`` then rename onto ``target``: a crash never leaves half a file or loses the old one."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=split_ext(target.name)[1])
-    os.close(fd)
+    tmp = _new_temporary(target)
     try:
         write(tmp)
         os.replace(tmp, target)
@@ -367,21 +376,58 @@ def _replace_atomically(target: Path, write) -> None:
             os.remove(tmp)
 
 
+def copy_forms(header: nib.Nifti1Header, image: nib.Nifti1Image) -> None:
+    """Give ``image`` the qform and the sform of ``header``, each with its own code. One affine set as both (what
+    MONAI's ``NibabelWriter`` does) replaces a qform that differs from the sform, e.g. the scanner's qform (code 1)
+    beside an oblique sform from a registration (code 2)."""
+    image.set_qform(header.get_qform(), code=int(header["qform_code"]))
+    image.set_sform(header.get_sform(), code=int(header["sform_code"]))
+
+
 def write_mask(mask: np.ndarray, item: dict, target: Path, organ_names: dict[str, str], source: dict) -> int:
-    """Write ``mask`` (``uint8``, the input's grid) with the input's affine and its qform/sform codes,
+    """Write ``mask`` (``uint8``, the input's grid) with the input's qform and sform and their codes,
     and ``<name>.json`` beside it with the organ name of every label value. Returns the number of voxels."""
-    header = item["header"]
     image = nib.Nifti1Image(mask, item["affine"])
-    for kind in ("qform", "sform"):
-        code = int(header[f"{kind}_code"]) if isinstance(header, nib.Nifti1Header) else 0
-        if code > 0:
-            getattr(image, f"set_{kind}")(item["affine"], code=code)
+    if isinstance(item["header"], nib.Nifti1Header):
+        copy_forms(item["header"], image)
     image.set_data_dtype(np.uint8)
     _replace_atomically(target, lambda tmp: nib.save(image, tmp))
     sidecar = {"labels": organ_names, **source}
     json_path = target.with_name(split_ext(target.name)[0] + ".json")
     _replace_atomically(json_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     return mask.size
+
+
+class InputFormsWriter(NibabelWriter):
+    """``SaveImaged``'s NIfTI writer for ``configs/inference.json``: a mask on its input's voxel grid gets the
+    input's qform and sform with their codes (read again from the input's header, :func:`copy_forms`), where
+    MONAI's writer sets the one affine as both with code 1. Other masks are written as MONAI writes them."""
+
+    def set_metadata(self, meta_dict: dict | None, resample: bool = True, **options) -> None:
+        super().set_metadata(meta_dict, resample=resample, **options)
+        self.source = (meta_dict or {}).get("filename_or_obj")
+
+    def input_header(self) -> nib.Nifti1Header | None:
+        """The input's header when the mask lies on the input's voxel grid, else None."""
+        try:
+            header = nib.load(str(self.source)).header
+        except Exception:  # noqa: BLE001 - no readable NIfTI input (an array, a DICOM folder): MONAI's way
+            return None
+        if not isinstance(header, nib.Nifti1Header):
+            return None
+        return header if tuple(self.data_obj.shape[:3]) == tuple(header.get_data_shape()[:3]) else None
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
+        header = self.input_header()
+        if header is None:
+            super().write(filename, verbose=verbose, **obj_kwargs)
+            return
+        ImageWriter.write(self, filename, verbose=verbose)  # its "writing: <file>" log line
+        image = self.create_backend_obj(
+            self.data_obj, affine=header.get_best_affine(), dtype=self.output_dtype, **obj_kwargs
+        )
+        copy_forms(header, image)
+        nib.save(image, filename)
 
 
 def write_volumes_csv(path: Path, rows: list[dict], organ_names: dict[str, str]) -> None:

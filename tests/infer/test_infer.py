@@ -162,6 +162,7 @@ BAD_INPUTS = {
     ),
     "eight_bit": (lambda p: save_nifti(p, _ct().clip(0, 255).astype(np.uint8), CT_AFFINE), "not CT Hounsfield units"),
     "nan": (lambda p: save_nifti(p, np.where(_ct() > 0, np.nan, _ct()).astype(np.float32), CT_AFFINE), "NaN"),
+    "constant": (lambda p: save_nifti(p, np.full((24, 20, 12), -1000, np.int16), CT_AFFINE), "is constant"),
 }
 
 
@@ -172,8 +173,19 @@ def test_bad_input_is_reported_and_nothing_written(tiny_bundle, tmp_path, capsys
     make(path)
     out = tmp_path / "out"
     assert main(infer_args(tiny_bundle, str(path), "--output", str(out))) == 1
-    report = capsys.readouterr().out
-    assert f"FAILED {path}" in report and message in report
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAILED ")]
+    assert len(failed) == 1 and str(path) in failed[0] and message in failed[0], failed
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["nan", "constant"])
+def test_nan_or_constant_image_is_refused_without_hu_check_too(tiny_bundle, tmp_path, capsys, kind):
+    # --no-hu-check lets other intensities through, not an image with nothing to segment (an all-background mask)
+    make, message = BAD_INPUTS[kind]
+    path = make(tmp_path / f"{kind}.nii.gz")
+    out = tmp_path / "out"
+    assert main(infer_args(tiny_bundle, str(path), "--output", str(out), "--no-hu-check")) == 1
+    assert f"FAILED image {path} " in capsys.readouterr().out
     assert list(out.iterdir()) == []
 
 
