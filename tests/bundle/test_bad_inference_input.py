@@ -1,7 +1,8 @@
 """Wrong input to inference and evaluation (the table "What happens when the input is wrong" in docs/README.md): a
 folder mixing good and bad files through ``configs/inference.json``, a checkpoint of NaN weights through
 ``inference.json`` and ``evaluate.json``, and what the written masks keep of their input (qform and sform with their
-codes) and get from the process (the umask's permissions), through ``inference.json`` and ``scripts.infer``."""
+codes) and get from the process (the umask's permissions), through ``inference.json`` and ``scripts.infer``; and
+``--resume true`` with a new ``--learning_rate``, typed on the command line."""
 
 import hashlib
 import json
@@ -246,3 +247,25 @@ def test_scripts_infer_keeps_qform_and_sform_and_the_umask(phantom, checkpoint, 
     assert {p.name: mode(p) for p in out.iterdir()} == {
         name: expected for name in ("ct_seg.nii.gz", "ct_seg.json", "volumes.csv")
     }
+
+
+# --- resume with a new learning rate, typed on the command line ---------------------------------------------------
+
+
+def test_resume_with_a_new_learning_rate_from_the_command_line(bundle, phantom):
+    # tests/bundle/test_workflows.py checks the schedule in-process; this is the command a user types
+    shipped = digest(bundle / "models" / "model.pt")
+    short = ("--dataset_dir", str(phantom), "--val_interval", "1", "--train#trainer#epoch_length", "1")
+    code, lines = run_bundle(bundle, *short, "--epochs", "1")
+    assert code == 0, "\n".join(lines[-30:])
+    code, lines = run_bundle(bundle, *short, "--epochs", "2", "--learning_rate", "1e-4", "--resume", "true")
+    assert code == 0, "\n".join(lines[-30:])
+    notes = [line for line in lines if " - resume: " in line]
+    assert len(notes) == 1 and notes[0].endswith(
+        "resume: this command's epochs 2 (checkpoint: 1), learning_rate 0.0001 (checkpoint: 0.002) take effect"
+    ), "\n".join(lines)
+    assert any("Epoch[2] Complete" in line for line in lines) and not any("Epoch[1] Complete" in line for line in lines)
+    saved = torch.load(bundle / "eval" / "checkpoints" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert saved["run"]["learning_rates"] == [1e-4] and saved["run"]["epochs"] == 2
+    kept = list((bundle / "models").glob("model.*.pt"))  # the shipped weights, kept aside once, by the first run
+    assert len(kept) == 1 and digest(kept[0]) == shipped
