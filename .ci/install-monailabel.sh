@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a separate virtual environment with MONAI Label 0.8.5 for the `monailabel`-marked tests
-# (tests/deploy/test_monailabel.py), without touching the main .venv: the extra packages below must not hide a
-# missing pin of the bundle itself from the main test run.
+# (tests/deploy/test_monailabel.py, and with "server" tests/deploy/test_monailabel_server.py), without touching the
+# main .venv: the extra packages below must not hide a missing pin of the bundle itself from the main test run.
 #
 # Why not `pip install monailabel==0.8.5`: its requirements pull in torchvision (no PyPI build of it loads next to
 # the CPU torch==2.13.0: "operator torchvision::nms does not exist") and sam2, and a resolver run over dozens of
@@ -10,8 +10,9 @@
 #
 # usage: bash .ci/install-monailabel.sh [VENV_DIR] [server]
 #   VENV_DIR defaults to .venv-monailabel (relative to the repository root);
-#   "server" adds what `monailabel start_server` imports (FastAPI app, DICOM and Girder datastores), not needed
-#   by the tests. The server also imports torchvision.utils at start-up: see docs/README.md, "MONAI Label".
+#   "server" adds what `monailabel start_server` imports (FastAPI app, DICOM and Girder datastores); without it
+#   tests/deploy/test_monailabel_server.py skips itself. The server also imports torchvision.utils at start-up:
+#   that test gives it a two-function stand-in on PYTHONPATH (see the test and docs/README.md, "MONAI Label").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv-monailabel}"
