@@ -422,3 +422,67 @@ def test_missing_applied_operations_is_an_error():
         )
     with pytest.raises(ValueError, match="chunk_size"):
         InvertArgmaxd("pred", Orientationd("image", "RAS"), "image", chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------ separable resampling
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+@pytest.mark.parametrize("name", ["lps", "permuted", "fine"])
+def test_slabs_resampled_axis_by_axis_equal_monais_inverse_to_one_float32_step(ct_files, name, padding_mode):
+    """``Spacingd`` keeps every axis's direction, so undoing it on an axis-aligned scan maps axis to axis and the
+    slab path resamples one axis at a time. Same weights as MONAI's ``grid_sample`` in float64: at most one float32
+    rounding step apart, at every slab position, for both padding modes."""
+    parser = parsed(CONFIGS / "inference.json")
+    steps = [dict(step) for step in parser["preprocessing#transforms"]]
+    index = next(i for i, step in enumerate(steps) if step["_target_"] == "Spacingd")
+    steps[index]["padding_mode"] = padding_mode
+    parser["preprocessing#transforms"] = steps
+    preprocessing = parser.get_parsed_content("preprocessing", lazy=False)
+    image = preprocessing({"image": ct_files[name]})["image"]
+    stages = lean_inverse.inverse_stages(preprocessing, image, "image")
+    network_grid = lean_inverse.undo(
+        stages.after,
+        MetaTensor(torch.rand(3, *image.shape[1:]), meta=image.meta, applied_operations=image.applied_operations),
+        "image",
+    )
+    depth = network_grid.applied_operations[-1]["orig_size"][-1]
+    for start, stop in ((0, depth), (0, 1), (depth // 2, depth // 2 + 3), (depth - 2, depth)):
+        fast = lean_inverse.resample_slab(network_grid.as_tensor(), network_grid, stages.resample, "image", start, stop)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lean_inverse, "axis_aligned", lambda xform, shape: False)  # MONAI's own inverse
+            slow = lean_inverse.resample_slab(
+                network_grid.as_tensor(), network_grid, stages.resample, "image", start, stop
+            )
+        assert fast.shape == slow.shape and fast.dtype == slow.dtype == torch.float32
+        assert (fast - slow).abs().max() <= 2**-24, (start, stop)  # one float32 step at values in [0.5, 1)
+        assert (fast != slow).float().mean() < 0.01
+
+
+def test_axis_aligned_grids_take_the_separable_path_and_oblique_ones_monais(ct_files, monkeypatch):
+    """Every axis-aligned grid of the identity tests above goes through ``separable_resample``; the oblique one,
+    whose float32 sform leaves cross terms of about 1e-8 between the axes, through MONAI's inverse."""
+    calls = []
+    original = lean_inverse.separable_resample
+    monkeypatch.setattr(lean_inverse, "separable_resample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    parser = parsed(CONFIGS / "inference.json")
+    postprocessing = Compose(without_save(parser.get_parsed_content("postprocessing")))
+    for name in sorted(GRIDS):
+        before = len(calls)
+        postprocessing(preprocessed_with_pred(parser, ct_files[name]))
+        assert (len(calls) > before) == (name != "oblique"), name
+
+
+def test_interpolation_matrix_rows_are_grid_samples_weights():
+    """1D weights at positions inside, on and beyond both edges: "border" clamps, "zeros" drops the outside tap."""
+    positions = torch.tensor([-1.5, -0.25, 0.0, 1.75, 3.0, 3.5], dtype=torch.float64)
+    border = lean_inverse.interpolation_matrix(positions, 4, "border", torch.float64)
+    zeros = lean_inverse.interpolation_matrix(positions, 4, "zeros", torch.float64)
+    expected_border = [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0.25, 0.75, 0], [0, 0, 0, 1], [0, 0, 0, 1]]
+    expected_zeros = [[0, 0, 0, 0], [0.75, 0, 0, 0], [1, 0, 0, 0], [0, 0.25, 0.75, 0], [0, 0, 0, 1], [0, 0, 0, 0.5]]
+    assert border.tolist() == expected_border and zeros.tolist() == expected_zeros
+    values = torch.tensor([[[1.0, 2.0, 4.0, 8.0]]], dtype=torch.float64)  # N C W for grid_sample
+    for mode, matrix in (("border", border), ("zeros", zeros)):
+        grid = torch.stack([(2 * positions + 1) / 4 - 1, torch.zeros_like(positions)], -1)[None, None]  # voxel centres
+        sampled = F.grid_sample(values[..., None, :], grid, padding_mode=mode, align_corners=False)
+        torch.testing.assert_close(matrix @ values[0, 0], sampled.flatten(), rtol=0, atol=1e-12)
