@@ -331,7 +331,7 @@ def class_sums(values: torch.Tensor, indices: torch.Tensor, num_classes: int) ->
     then over the blocks."""
     rows = values.shape[1:-1]
     batch, voxels = indices.shape
-    values = values.expand(batch, *rows, voxels).reshape(batch, -1, voxels)
+    values = values.expand(batch, *rows, voxels).reshape(batch, math.prod(rows), voxels)  # not -1: voxels may be 0
     index = indices.unsqueeze(1).expand_as(values)
     blocks = voxels // _SUM_BLOCK
     whole = blocks * _SUM_BLOCK

@@ -5,16 +5,18 @@ the intersection-over-union measure in neural networks", CVPR 2018, https://arxi
 
 The Lovasz extension of the Jaccard loss at an error vector ``m`` is ``sum_i m_(i) g_i``: the errors sorted
 in decreasing order times the gradient ``g`` of Algorithm 1. Every problem (an image and class with
-``per_image=True``, else a class over the whole batch) is one row of a single sort that runs without
-gradient; its result is scattered back as per-voxel weights, so autograd only sees ``sum(errors * weights)``.
-Only the voxels that can get a non-zero weight are sorted (past a problem's last foreground voxel the gradient
-is 0, and a hinge error <= 0 adds nothing), never an ignored one; rows of different lengths are padded with
-``-inf`` so the padding sorts last and each row's count stands in for its length.
+``per_image=True``, else a class over the whole batch) is a run of one sort of int64 keys (problem, error bits,
+voxel), which runs without gradient. Only the voxels that can get a non-zero weight are sorted (past a problem's
+last foreground voxel the gradient is 0, and a hinge error <= 0 adds nothing), never an ignored one. The extension
+is linear in the errors once their order is fixed, so its gradient is ``g`` times each error's slope (+-1), written
+straight into the sorted voxels' positions: autograd keeps no sort, gather or per-voxel weight tensor.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -34,13 +36,32 @@ __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_grad", "lovasz_hinge"
 CLASS_SELECTIONS = ("present", "all")
 
 
+def jaccard_steps(union, seen_before, fg, step: torch.Tensor | None = None) -> torch.Tensor:
+    """Algorithm 1's gradient ``g_i = J_i - J_{i-1}`` at each sorted position, elementwise, from ``u_i = |fg u S_i|``
+    (``S_i``: the ``i`` largest errors), ``s_{i-1} = |S_{i-1}|`` and the voxel's own foreground ``fg_i``; ``union``
+    and ``seen_before`` are overwritten (they are as large as the sorted voxels).
+
+    With ``J_i = s_i / u_i``, ``g_i`` is one fraction of non-negative terms, ``(ds_i (u_{i-1} - s_{i-1}) + s_{i-1}
+    fg_i) / (u_i u_{i-1})``, where ``ds_i = s_i - s_{i-1}`` (``step``: 0 on padding, None for 1) and ``u_{i-1} = u_i
+    - ds_i + fg_i``: the difference of two close ratios (``g_i ~ 1/u_i``) would lose float32's digits, about 3 % of
+    each weight at 2 x 96^3 voxels. The clamps only act before the first voxel of a problem without foreground
+    (``g_1 = 1``) and on padding.
+    """
+    union_before = (union - (1 if step is None else step)).add_(fg).clamp_min_(1)
+    if step is None:  # the numerator as u_{i-1} - s_{i-1} (1 - fg_i)
+        numerator = (1 - fg).mul_(seen_before).neg_().add_(union_before)
+    else:
+        numerator = (union_before - seen_before).mul_(step).addcmul_(seen_before, fg)
+    return numerator.div_(union.clamp_min_(1)).div_(union_before)
+
+
 def lovasz_grad(
     fg_sorted: torch.Tensor,
     valid_count: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     fg_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of the Lovasz extension of the Jaccard loss (Algorithm 1 of Berman et al. 2018), batched.
+    """Gradient of the Lovasz extension of the Jaccard loss (Algorithm 1 of Berman et al. 2018), batched over rows.
 
     Args:
         fg_sorted: ``(..., N)`` ground truth (bool, 0/1 or soft) of each voxel, ordered by decreasing error.
@@ -56,49 +77,159 @@ def lovasz_grad(
     """
     dtype = dtype or fg_sorted.dtype
     positions = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=dtype, device=fg_sorted.device)
-    # padding adds no voxel to the set
-    seen = positions if valid_count is None else torch.minimum(positions, valid_count)
-    fg_seen = fg_sorted.cumsum(-1, dtype=dtype)
+    fg = fg_sorted.to(dtype)
+    fg_seen = fg.cumsum(-1)
     fg_total = fg_seen[..., -1:].clone() if fg_total is None else fg_total.to(dtype)
-    # The Jaccard loss of the set S_i of the i largest errors is J_i = s_i / u_i with s_i = |S_i| and
-    # u_i = |fg u S_i| (= 1 - |fg \ S_i| / |fg u S_i| of Algorithm 1); u_i >= 1 except in a row with no valid
-    # voxel, where the clamp gives a zero gradient. In place: these rows are as large as the logits.
-    union = fg_seen.neg_().add_(fg_total).add_(seen).clamp_min_(1)
-    # g_i = J_i - J_{i-1} as one fraction of non-negative terms, (ds_i |fg \ S_{i-1}| + s_{i-1} fg_i) / (u_i u_{i-1})
-    # with ds_i = s_i - s_{i-1} in {0, 1}: the difference of two ratios close to each other (g_i ~ 1/u_i) would
-    # lose float32's digits, about 3 % of each weight at 2 x 96^3 voxels.
-    grad = torch.empty_like(union)
-    grad[..., :1] = seen[..., :1] / union[..., :1]
-    body, previous_seen, previous_union = grad[..., 1:], seen[..., :-1], union[..., :-1]
-    torch.sub(previous_union, previous_seen, out=body)  # |fg \ S_{i-1}|
-    if valid_count is not None:
-        body.mul_(positions[1:] <= valid_count)
-    body.add_(fg_sorted[..., 1:] * previous_seen)
-    body.div_(union[..., 1:]).div_(previous_union)
-    return grad
+    if valid_count is None:
+        return jaccard_steps(fg_seen.neg_().add_(fg_total).add_(positions), positions - 1, fg)
+    # padding adds no voxel to the set
+    step = (positions <= valid_count).to(dtype)
+    seen = torch.minimum(positions, valid_count)
+    return jaccard_steps(fg_seen.neg_().add_(fg_total).add_(seen), seen - step, fg, step)
 
 
-def _pool_batch(tensor: torch.Tensor) -> torch.Tensor:
-    """``(B, C, N)`` -> ``(1, C, B N)``: one row per class over every voxel of the batch."""
-    return tensor.transpose(0, 1).reshape(1, tensor.shape[1], -1)
+# ---------------------------------------------------------------------------------------------------------
+# the one sort: each problem's candidates by decreasing error, equal errors in voxel order (what a stable sort of
+# the problem's voxels gives, as in the reference)
 
 
-def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Columns holding the True entries of each row of ``(R, N)`` ``candidates``, as ``(R, M)`` columns, the
-    count of each row ``(R, 1)`` and an ``(R, M)`` mask of the entries that are not candidates.
+def _descending_bits(errors: torch.Tensor) -> torch.Tensor:
+    """int32, smaller for a larger float32 error: the IEEE bits made monotone (a negative float's magnitude bits
+    flipped), then inverted. ``errors`` is a temporary: -0.0 is folded into +0.0 in place, so that equal errors get
+    equal keys. (A NaN error sorts first or last by its sign; the loss is NaN either way.)"""
+    bits = errors.add_(0.0).view(torch.int32)
+    return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits).bitwise_not_()
 
-    Rows are left-aligned into ``M`` = the largest count when that at least halves the rows; otherwise the
-    full rows are kept and the columns are None (index lists as long as the rows would cost more than they save).
+
+class Problems(NamedTuple):
+    """The Lovasz problems of a batch (an image and class with ``per_image``, else a class over the batch).
+
+    ``scores`` ``(B, C, N)`` contiguous; ``fg`` ``(B, C, N)`` ground truth (bool for index targets, else float), 0
+    where a voxel does not count; ``valid`` ``(B, 1, N)`` bool or None; ``fg_total`` ``(B, C)`` foreground of each
+    image and class; ``labels`` ``(B, N)`` class indices of an index target (None otherwise); ``first`` the first
+    class that is a problem (1 without the background).
     """
-    count = candidates.sum(-1, keepdim=True)
-    width = int(count.max()) if count.numel() else 0
-    if 2 * width > candidates.shape[-1]:
-        return None, count, ~candidates
-    rows, columns = candidates.nonzero(as_tuple=True)  # row-major: each row's columns in order
-    slots = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows, 0]
-    compact = columns.new_zeros(candidates.shape[0], width)
-    compact[rows, slots] = columns
-    return compact, count, torch.arange(width, device=compact.device) >= count
+
+    scores: torch.Tensor
+    fg: torch.Tensor
+    valid: torch.Tensor | None
+    fg_total: torch.Tensor
+    labels: torch.Tensor | None
+    first: int
+    per_image: bool
+
+    def per_problem(self, values: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` sums per image and class -> ``(B, C')`` per problem (``(1, C')`` pooled)."""
+        values = values[:, self.first :]
+        return values if self.per_image else values.sum(0, keepdim=True)
+
+    def chunk_rows(self) -> torch.Tensor:
+        """The problem (row of the loss table, row-major) of each ``(b, c)`` chunk of ``N`` voxels, ``(B C,)``; 0 for
+        a class below ``first``, which holds no candidate."""
+        batch, classes = self.scores.shape[:2]
+        kept = classes - self.first
+        if self.per_image:
+            rows = [b * kept + max(0, c - self.first) for b in range(batch) for c in range(classes)]
+        else:
+            rows = [max(0, c - self.first) for _ in range(batch) for c in range(classes)]
+        return torch.tensor(rows, device=self.scores.device)
+
+
+class SortedProblems(NamedTuple):
+    """The candidates of all problems, problem after problem, each by decreasing error (``K`` in all):
+    ``positions`` (int64 flat indices into ``(B, C, N)``), ``rows`` (their problem, int32), the ``values`` (scores)
+    and ``fg`` there; ``counts`` and ``fg_total`` (the whole foreground) of each problem, ``(R,)``."""
+
+    positions: torch.Tensor
+    rows: torch.Tensor
+    values: torch.Tensor
+    fg: torch.Tensor
+    counts: torch.Tensor
+    fg_total: torch.Tensor
+
+
+def sort_problems(problems: Problems, candidates: torch.Tensor, errors_of: Callable) -> SortedProblems:
+    """Sort the ``candidates`` (``(B, C, N)`` bool: the voxels that may get a non-zero weight, none below class
+    ``first``) of every problem by decreasing error, equal errors in voxel order (as a stable sort of the problem's
+    voxels, the reference's), in one sort; ``errors_of(values, fg)`` gives the candidates' errors.
+
+    Candidate-sized tensors are int32 / float32 where they can be: an int64 one of a few million candidates is
+    above glibc's mmap threshold (32 MB), so each new one costs page faults, as much as several operations."""
+    values, fg = problems.scores.view(-1), problems.fg.contiguous().view(-1)
+    chunk_rows = problems.chunk_rows()
+    flat = candidates.contiguous().view(-1).nonzero().squeeze(1)  # chunk after chunk, each in voxel order
+    chunk_starts = torch.arange(0, candidates.numel() + 1, candidates.shape[-1], device=flat.device)
+    chunk_counts = torch.searchsorted(flat, chunk_starts).diff()
+    # index_select: several times faster than indexing with [flat] on a CPU
+    errors = errors_of(values.index_select(0, flat), fg.index_select(0, flat))
+    counts = chunk_counts.new_zeros(int(chunk_rows.max()) + 1).index_add_(0, chunk_rows, chunk_counts)
+    rows, positions = _sort_packed(errors, flat, chunk_rows, chunk_counts, counts, candidates.shape[-1])
+    fg_total = problems.per_problem(problems.fg_total).reshape(-1)
+    return SortedProblems(
+        positions, rows, values.index_select(0, positions), fg.index_select(0, positions), counts, fg_total
+    )
+
+
+def _sort_packed(errors, flat, chunk_rows, chunk_counts, counts, voxels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row (int32) and position of each candidate, row by row, each row by decreasing error, then position.
+
+    One sort of int64 keys ``row * 2^(32 + P) + error bits * 2^P + position`` (P bits for a position), built in
+    ``flat``'s memory word by word with int32 operations (a mixed int64/int32 operation is several times slower);
+    numpy's in-place sort on a CPU (several times faster than torch's for int64). float64 errors, keys that would
+    not fit in 63 bits (above 2^31 / R scores) or a big-endian machine take two stable sorts instead (errors, then
+    rows)."""
+    position_bits = max(1, (chunk_counts.numel() * voxels - 1).bit_length())
+    rows = _runs(chunk_rows, chunk_counts, flat.numel())  # in the candidates' order
+    too_wide = max(1, counts.numel() - 1).bit_length() + position_bits > 31  # the high word stays >= 0
+    if errors.dtype == torch.float64 or too_wide or sys.byteorder != "little":
+        order = errors.sort(descending=True, stable=True).indices
+        order = order.index_select(0, rows.index_select(0, order).sort(stable=True).indices)
+        return rows.index_select(0, order), flat.index_select(0, order)
+    # the error's 32 bits as an unsigned number, split between the key's low word (above the position) and its
+    # high word (below the row)
+    error_bits = _descending_bits(errors).bitwise_xor_(-(2**31))
+    low, high = flat.view(torch.int32)[0::2], flat.view(torch.int32)[1::2]
+    low.bitwise_or_(error_bits << position_bits)
+    high.copy_((error_bits >> (32 - position_bits)).bitwise_and_((1 << position_bits) - 1))
+    high.bitwise_or_(rows.bitwise_left_shift_(position_bits))
+    _sort_keys(flat)
+    return flat.view(torch.int32)[1::2] >> position_bits, flat.bitwise_and_((1 << position_bits) - 1)
+
+
+def _runs(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``values.repeat_interleave(counts)`` as int32, from a cumulative sum of the steps at each run's start
+    (``repeat_interleave`` builds int64 indices on the way, several times slower)."""
+    steps = torch.zeros(total + 1, dtype=torch.int32, device=values.device)
+    starts = counts.cumsum(0) - counts
+    jumps = values.diff(prepend=values.new_zeros(1)).int()
+    steps.index_add_(0, starts, jumps)  # empty runs add their step at the next run's start
+    return steps[:total].cumsum(0, dtype=torch.int32)
+
+
+def _sort_keys(keys: torch.Tensor) -> None:
+    """Sort int64 ``keys`` in place: numpy's sort on a CPU (its int64 sort is several times faster than torch's)."""
+    if keys.device.type == "cpu":
+        keys.numpy().sort()
+    else:
+        keys.copy_(keys.sort().values)
+
+
+def _sorted_grad(ordered: SortedProblems, dtype: torch.dtype) -> torch.Tensor:
+    """Algorithm 1's gradient at every sorted candidate, ``(K,)``, from cumulative counts over all the problems at
+    once and one constant per problem (in float64 for soft targets or past float32's exact 2^24)."""
+    fg, rows, counts = ordered.fg, ordered.rows, ordered.counts
+    exact = dtype == torch.float64 or (fg.dtype == torch.bool and fg.numel() <= 2**24)
+    fg = fg.to(dtype if exact else torch.float64)
+    fg_seen = fg.cumsum(0)
+    starts = (counts.cumsum(0) - counts).to(fg.dtype)
+    # each problem's foreground before its first candidate (a problem without candidates has none to correct)
+    first = starts.long().clamp_max(max(0, fg.numel() - 1))
+    fg_before = fg_seen[first] - fg[first] if fg.numel() else starts
+    position = torch.arange(1, fg.numel() + 1, dtype=fg.dtype, device=fg.device)
+    # u_i = T - F_i + s_i with F_i = fg_seen - fg_before and s_i = position - start, per problem
+    union = (ordered.fg_total.to(fg.dtype) + fg_before - starts).index_select(0, rows).add_(position).sub_(fg_seen)
+    seen_before = position.sub_((starts + 1).index_select(0, rows))
+    return jaccard_steps(union, seen_before, fg).to(dtype)
 
 
 def lovasz_weights(
@@ -106,12 +237,10 @@ def lovasz_weights(
 ) -> torch.Tensor:
     """Per-voxel weights ``w`` such that ``errors * w`` summed over a problem is its Lovasz extension.
 
-    The extension is linear in the errors once their order is fixed (eq. 9), so autograd only has to keep
-    ``w``: no sort, gather, permutation or batch-pooling copy enters the graph, and the single sort of all
-    problems runs without gradient. Only ``candidates`` are sorted: every voxel left out must have an error
-    no larger than every candidate's and contribute nothing there (past the last foreground voxel of a
-    problem the Jaccard loss of the prefix stays 1, so the gradient is 0; a hinge error <= 0 adds 0). The
-    candidates then form a prefix of the full order, whose gradient is the same.
+    Only ``candidates`` are sorted: every voxel left out must have an error no larger than every candidate's and
+    contribute nothing there (past the last foreground voxel of a problem the Jaccard loss of the prefix stays 1,
+    so the gradient is 0; a hinge error <= 0 adds 0). The candidates then form a prefix of the full order, whose
+    gradient is the same.
 
     Args:
         errors: ``(B, C, N)`` errors of each image and class.
@@ -120,121 +249,139 @@ def lovasz_weights(
         per_image: one problem per image and class; False pools each class over the batch. Defaults to True.
 
     Returns:
-        ``(B, C, N)`` weights, 0 outside ``candidates`` (a view when ``per_image=False``).
+        ``(B, C, N)`` weights, 0 outside ``candidates``.
     """
-    batch, classes, voxels = errors.shape
-    with torch.no_grad():
-        errors = errors.detach()
-        if not per_image:
-            errors, fg, candidates = _pool_batch(errors), _pool_batch(fg), _pool_batch(candidates)
-        rows_shape = errors.shape
-        errors, fg = errors.reshape(-1, rows_shape[-1]), fg.reshape(-1, rows_shape[-1])
-        columns, count, excluded = _compact(candidates.reshape(-1, rows_shape[-1]))
-        # what is not a candidate sorts after every candidate
-        if columns is None:
-            key = errors.masked_fill(excluded, -torch.inf)
-        else:
-            key = errors.gather(-1, columns).masked_fill_(excluded, -torch.inf)
-        order = key.sort(dim=-1, descending=True).indices
-        del key, excluded
-        columns = order if columns is None else columns.gather(-1, order)
-        padding = torch.arange(columns.shape[-1], device=columns.device) >= count  # the tail of each sorted row
-        fg_sorted = fg.gather(-1, columns).masked_fill_(padding, 0)
-        fg_total = fg.sum(-1, keepdim=True, dtype=errors.dtype)  # candidates may leave foreground out
-        grad = lovasz_grad(fg_sorted, count.to(errors.dtype), errors.dtype, fg_total)
-        weights = torch.zeros_like(errors).scatter_add_(-1, columns, grad).view(rows_shape)
-        if per_image:
-            return weights
-        return weights.view(classes, batch, voxels).transpose(0, 1)
+    errors = errors.detach().contiguous()
+    problems = Problems(errors, fg, None, fg.sum(-1, dtype=errors.dtype), None, 0, per_image)
+    ordered = sort_problems(problems, candidates, lambda values, _: values.clone())
+    weights = torch.zeros_like(errors)
+    weights.view(-1).scatter_(0, ordered.positions, _sorted_grad(ordered, errors.dtype))
+    return weights
 
 
-def _drop_ignored(errors: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Zero the errors of ignored voxels: their weight is 0 already, but an infinite logit there would
-    still turn ``0 * inf`` into NaN."""
-    return errors if valid is None else errors.masked_fill(~valid, 0.0)
+class _LovaszExtension(torch.autograd.Function):
+    """The Lovasz extension ``sum_i e_(i) g_i`` of every problem, ``(B, C')`` (``(1, C')`` pooled), from the scores.
 
-
-def _problem_sum(values: torch.Tensor, per_image: bool) -> torch.Tensor:
-    """Sum ``(B, C, N)`` over each problem: ``(B, C)``, or ``(1, C)`` when the batch is pooled."""
-    return values.sum(-1) if per_image else values.sum((0, -1)).unsqueeze(0)
-
-
-def lovasz_hinge(
-    logits: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = True
-) -> torch.Tensor:
-    """Lovasz hinge (eq. 10, 11): margin errors ``1 - x s`` with signs ``s = 2 fg - 1`` on raw logits.
-
-    Args:
-        logits: ``(B, C, N)`` raw scores (no sigmoid: the hinge margin is defined on logits).
-        fg: ``(B, C, N)`` binary ground truth (bool, or float), 0 at voxels that do not count.
-        valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None.
-        per_image: one problem per image and channel, else per channel over the batch. Defaults to True.
-
-    Returns:
-        ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
+    ``terms(scores, fg[, weights])`` gives the candidates' errors (and the weights times the errors' derivatives:
+    +-1, or ``sign`` for ``|fg - p|``). The backward writes those into the sorted voxels' positions of a zero
+    gradient, the only full-size tensor either pass adds; kept between them: each candidate's position, problem and
+    signed weight.
     """
+
+    @staticmethod
+    def forward(ctx, scores, problems, candidates, terms):
+        ordered = sort_problems(problems._replace(scores=scores), candidates, terms)
+        weights = _sorted_grad(ordered, scores.dtype)
+        errors, ctx.signed = terms(ordered.values, ordered.fg, weights)
+        # each problem's sum on its own run of candidates (torch.sum adds pairwise: no error growing with the run)
+        products = errors.mul_(weights).split(ordered.counts.tolist())
+        table = torch.stack([run.sum() for run in products]) if products else errors.new_zeros(0)
+        ctx.positions, ctx.rows, ctx.shape = ordered.positions, ordered.rows, scores.shape
+        return table.view(scores.shape[0] if problems.per_image else 1, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_table):
+        signed = ctx.signed * grad_table.reshape(-1).index_select(0, ctx.rows)
+        grad = grad_table.new_zeros(ctx.shape)
+        grad.view(-1).scatter_(0, ctx.positions, signed)
+        return grad, None, None, None
+
+
+def _hinge_terms(logits: torch.Tensor, fg: torch.Tensor, weights: torch.Tensor | None = None):
+    """Margin errors ``1 - x s`` (``s = +1`` on foreground, ``-1`` elsewhere); with ``weights``, also the weights
+    times the errors' slopes ``-s``. The hinge's ``max(0, .)`` is the identity on the candidates (errors > 0)."""
     if fg.dtype == torch.bool:  # index targets: no float one-hot copy
         errors = torch.where(fg, 1 - logits, 1 + logits)
+        return errors if weights is None else (errors, torch.where(fg, -weights, weights))
+    signs = 2 * fg - 1
+    errors = 1 - logits * signs
+    return errors if weights is None else (errors, -signs * weights)
+
+
+def _softmax_terms(probs: torch.Tensor, fg: torch.Tensor, weights: torch.Tensor | None = None):
+    """Errors ``|fg - p|``; with ``weights``, also the weights times the errors' slopes (``-1`` on a hard foreground
+    voxel, ``+1`` elsewhere, ``sign(p - fg)`` for a soft target)."""
+    if fg.dtype == torch.bool:
+        errors = torch.where(fg, 1 - probs, probs)
+        return errors if weights is None else (errors, torch.where(fg, -weights, weights))
+    difference = probs - fg
+    return difference.abs() if weights is None else (difference.abs(), difference.sign() * weights)
+
+
+def lovasz_hinge(problems: Problems) -> torch.Tensor:
+    """Lovasz hinge (eq. 10, 11) of every problem, ``(B, C')`` (``(1, C')`` pooled): margin errors ``1 - x s`` with
+    signs ``s = 2 fg - 1`` on raw logits (``problems.scores``; no sigmoid: the margin is defined on logits)."""
+    logits, fg = problems.scores, problems.fg
+    # errors > 0, NaN included so that a non-finite logit shows; for index targets without a float error tensor
+    if fg.dtype == torch.bool:
+        candidates = torch.where(fg, logits, -logits).ge(1).logical_not_()
     else:
-        errors = 1 - logits * (2 * fg - 1)
-    errors = _drop_ignored(errors, valid)  # ignored voxels: error 0, so never a candidate
-    weights = lovasz_weights(errors, fg, errors > 0, per_image)  # errors <= 0 add nothing to the hinge
-    return _problem_sum(torch.relu(errors) * weights, per_image)
+        candidates = _hinge_terms(logits, fg).le(0).logical_not_()
+    return _LovaszExtension.apply(logits, problems, _keep(candidates, problems), _hinge_terms)
 
 
-def lovasz_softmax(
-    probs: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = True
-) -> torch.Tensor:
-    """Lovasz-softmax terms (eq. 8, 12): errors ``|fg_c - p_c|`` of each class' probabilities.
-
-    Args:
-        probs: ``(B, C, N)`` class probabilities.
-        fg: ``(B, C, N)`` ground truth (bool, or float one-hot or soft), 0 at voxels that do not count.
-        valid: ``(B, 1, N)`` bool, True where a voxel counts. Defaults to None.
-        per_image: one problem per image and class, else per class over the batch. Defaults to True.
-
-    Returns:
-        ``(B, C)`` (``(1, C)`` with ``per_image=False``) loss of each problem.
-    """
-    errors = torch.where(fg, 1 - probs, probs) if fg.dtype == torch.bool else (fg - probs).abs()
-    errors = _drop_ignored(errors, valid)
-    candidates = _softmax_candidates(errors, fg if fg.dtype == torch.bool else fg > 0, valid, per_image)
-    return _problem_sum(errors * lovasz_weights(errors, fg, candidates, per_image), per_image)
+def lovasz_softmax(problems: Problems, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """Lovasz-softmax terms (eq. 8, 12) of every problem, ``(B, C')`` (``(1, C')`` pooled): errors ``|fg_c - p_c|``
+    of each class' probabilities (``problems.scores``). A problem not ``counted`` (``(B, C')`` / ``(1, C')`` bool;
+    None: all) is not sorted and gives 0, unless a NaN score shows there."""
+    candidates = _keep(_softmax_candidates(problems, counted), problems)
+    return _LovaszExtension.apply(problems.scores, problems, candidates, _softmax_terms)
 
 
-def _softmax_candidates(
-    errors: torch.Tensor, is_fg: torch.Tensor, valid: torch.Tensor | None, per_image: bool
-) -> torch.Tensor:
+def _keep(candidates: torch.Tensor, problems: Problems) -> torch.Tensor:
+    """Never an ignored voxel nor a class below ``first``."""
+    if problems.valid is not None:
+        candidates &= problems.valid
+    candidates[:, : problems.first] = False
+    return candidates
+
+
+def _softmax_candidates(problems: Problems, counted: torch.Tensor | None) -> torch.Tensor:
     """The voxels of each problem that can get a Lovasz weight: its foreground and every voxel whose error is at
-    least the smallest foreground error; in a problem without foreground, the voxels at its largest error
-    (the extension is then that error). ``is_fg`` is False at ignored voxels."""
+    least the smallest foreground error; in a problem without foreground, the voxels at its largest error (the
+    extension is then that error); none in a problem that is not ``counted``. NaN scores are kept, so they show."""
+    probs, fg, first, per_image = problems.scores, problems.fg, problems.first, problems.per_image
     dims = -1 if per_image else (0, -1)
-    smallest_fg_error = errors.masked_fill(~is_fg, torch.inf).amin(dims, keepdim=True)
-    # ignored voxels hold error 0 (``_drop_ignored``), no more than any valid error, and leave with ``& valid``
-    largest_error = errors.amax(dims, keepdim=True)
-    has_fg = is_fg.any(-1, keepdim=True) if per_image else is_fg.any(-1, keepdim=True).any(0, keepdim=True)
-    candidates = is_fg | (errors >= torch.where(has_fg, smallest_fg_error, largest_error))
-    return candidates if valid is None else candidates & valid
-
-
-def _problems(
-    scores: torch.Tensor, encoded: EncodedTarget, include_background: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(scores, foreground, valid)`` as ``(B, C', N)``, ``(B, C', N)`` and ``(B, 1, N)`` (or None).
-
-    The foreground of an index target stays bool (a quarter of a float one-hot).
-    """
-    scores = flatten_probs(scores)
-    first = first_class(scores.shape[1], include_background)
-    valid = None if encoded.mask is None else encoded.mask.unsqueeze(1)
-    if encoded.indices is not None:
-        classes = torch.arange(first, encoded.num_classes, device=scores.device).view(1, -1, 1)
-        fg = encoded.indices.unsqueeze(1) == classes
-        fg = fg if valid is None else fg & valid
+    if problems.labels is not None:
+        # a background voxel's error is p, a foreground one's 1 - p, smallest where p is largest, which the
+        # probability of each voxel's own class gives in one pass over the voxels (not the classes x voxels)
+        errors, is_fg = probs, fg
+        own = probs.gather(1, problems.labels.unsqueeze(1)).squeeze(1)
+        own = own if problems.valid is None else own.masked_fill(~problems.valid[:, 0], -torch.inf)
+        largest = probs.new_full(problems.fg_total.shape, -torch.inf).scatter_reduce_(1, problems.labels, own, "amax")
+        smallest_fg_error = 1 - (largest if per_image else largest.amax(0, keepdim=True)).unsqueeze(-1)
     else:
-        fg = encoded.dense[:, first:].to(scores.dtype)
+        errors, is_fg = (fg - probs).abs(), fg > 0
+        smallest_fg_error = errors.masked_fill(~is_fg, torch.inf).amin(dims, keepdim=True)
+    has_fg = (problems.fg_total if per_image else problems.fg_total.sum(0, keepdim=True)).unsqueeze(-1) > 0
+    threshold = smallest_fg_error
+    without_fg = ~has_fg[:, first:] if counted is None else ~has_fg[:, first:] & counted.unsqueeze(-1)
+    if bool(without_fg.any()):  # the largest error of a problem without foreground, over its valid voxels
+        scored = errors if problems.valid is None else errors.masked_fill(~problems.valid, -torch.inf)
+        threshold = torch.where(has_fg, threshold, scored.amax(dims, keepdim=True))
+    if counted is not None:  # a problem whose value is not used: no candidate
+        threshold[:, first:].masked_fill_(~counted.unsqueeze(-1), torch.inf)
+    return torch.lt(errors, threshold).logical_not_().logical_or_(is_fg)
+
+
+def _problems(scores: torch.Tensor, encoded: EncodedTarget, include_background: bool, per_image: bool) -> Problems:
+    """The problems of ``BNH[WD]`` scores and their target. The foreground of an index target stays bool (a quarter
+    of a float one-hot) and its counts come from one pass over the labels."""
+    scores = flatten_probs(scores).contiguous()
+    batch, classes = scores.shape[:2]
+    first = first_class(classes, include_background)
+    valid = None if encoded.mask is None else encoded.mask.unsqueeze(1)
+    labels = encoded.indices
+    if labels is None:
+        fg = encoded.dense.to(scores.dtype)
         fg = fg if valid is None else fg * valid
-    return scores[:, first:], fg, valid
+        return Problems(scores, fg, valid, fg.sum(-1), None, first, per_image)
+    fg = labels.unsqueeze(1) == torch.arange(classes, device=scores.device).view(1, -1, 1)
+    fg = fg if valid is None else fg & valid
+    counts = torch.ones_like(labels, dtype=torch.int32) if valid is None else valid[:, 0].to(torch.int32)
+    fg_total = counts.new_zeros(batch, classes).scatter_add_(1, labels, counts)
+    return Problems(scores, fg, valid, fg_total, labels, first, per_image)
 
 
 class _LovaszLoss(SegmentationLoss):
@@ -304,8 +451,7 @@ class LovaszHingeLoss(_LovaszLoss):
         super().__init__(include_background, to_onehot_y, per_image, reduction, weight, ignore_index)
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = activate(input)  # float32 (float64 kept), no activation
-        table = lovasz_hinge(*_problems(logits, encoded, self.include_background), self.per_image)
+        table = lovasz_hinge(_problems(activate(input), encoded, self.include_background, self.per_image))
         return table, torch.ones_like(table, dtype=torch.bool)
 
 
@@ -360,19 +506,10 @@ class LovaszSoftmaxLoss(_LovaszLoss):
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         probs = activate(input, softmax=self.softmax, other_act=self.other_act)
-        probs, fg, valid = _problems(probs, encoded, self.include_background)
+        problems = _problems(probs, encoded, self.include_background, self.per_image)
         if self.classes == "all":
-            table = lovasz_softmax(probs, fg, valid, self.per_image)
+            table = lovasz_softmax(problems)
             return table, torch.ones_like(table, dtype=torch.bool)
-        counted = _problem_sum(fg, self.per_image) > 0
-        present = counted.any(0)
-        if bool(present.all()):
-            return lovasz_softmax(probs, fg, valid, self.per_image), counted
-        # a class absent from every problem counts nowhere: no sort for it (most organs are absent from a patch);
-        # the empty sum keeps the zeros in the graph, so a batch with nothing present has a zero gradient
-        zeros = _problem_sum(probs[..., :0], self.per_image)
-        kept = present.nonzero().squeeze(1)
-        if kept.numel() == 0:
-            return zeros, counted
-        table = lovasz_softmax(probs.index_select(1, kept), fg.index_select(1, kept), valid, self.per_image)
-        return zeros.index_copy(1, kept, table), counted
+        # a class absent from a problem counts nowhere and is not sorted (most organs are absent from a patch)
+        counted = problems.per_problem(problems.fg_total) > 0
+        return lovasz_softmax(problems, counted), counted

@@ -37,10 +37,13 @@ def lovasz_grad_reference(fg_sorted: torch.Tensor) -> torch.Tensor:
 
 
 def lovasz_extension_reference(errors: torch.Tensor, fg: torch.Tensor, hinge: bool) -> torch.Tensor:
-    """Lovasz extension of the Jaccard loss at ``errors`` (eq. 9 of the paper), one 1-D problem."""
+    """Lovasz extension of the Jaccard loss at ``errors`` (eq. 9 of the paper), one 1-D problem.
+
+    Equal errors keep their voxel order (a stable sort): the extension's value does not depend on their order, its
+    gradient does (each order gives a subgradient), and this one is the loss' documented choice."""
     if errors.numel() == 0:
         return errors.sum() * 0.0  # only ignored voxels: nothing to learn, zero gradient
-    errors_sorted, order = torch.sort(errors, descending=True)
+    errors_sorted, order = torch.sort(errors, descending=True, stable=True)
     if hinge:
         errors_sorted = torch.relu(errors_sorted)
     return torch.dot(errors_sorted, lovasz_grad_reference(fg[order]))

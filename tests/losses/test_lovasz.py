@@ -18,7 +18,7 @@ from lovasz_reference import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scripts.losses import LOSSES, get_loss
+from scripts.losses import LOSSES, get_loss, lovasz
 from scripts.losses.core import LossInputError
 from scripts.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_grad, lovasz_weights
 
@@ -208,6 +208,67 @@ def test_hinge_matches_reference(dims, per_image, to_onehot_y, ignore, include_b
     torch.testing.assert_close(grad, expected_grad, **TOL)
 
 
+@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("kind", ["softmax", "hinge"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ties_match_the_stable_reference(kind, per_image, seed):
+    """Integer logits: many equal errors. The value does not depend on their order; the gradient is the one of
+    equal errors in voxel order (the reference's stable sort), including pooled problems and ignored voxels."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-2, 3, (2, 4, 6, 7, 5), generator=generator).float()
+    target = torch.randint(0, 4, (2, 1, 6, 7, 5), generator=generator)
+    target[0, 0, :2] = SENTINEL
+    target[1] = target[1].where(target[1] != 3, 0)  # class 3 absent from image 1
+    kwargs = dict(per_image=per_image, ignore_index=SENTINEL)
+    loss = (LovaszSoftmaxLoss if kind == "softmax" else LovaszHingeLoss)(to_onehot_y=True, **kwargs)
+    value, grad = value_and_grad(lambda x: loss(x, target), logits)
+    expected, expected_grad = value_and_grad(lambda x: reference(kind, x, target, True, **kwargs), logits)
+    torch.testing.assert_close(value, expected, **TOL)
+    torch.testing.assert_close(grad, expected_grad, **TOL)
+
+
+def test_descending_bits_order_floats_like_a_stable_descending_sort():
+    values = torch.tensor([0.5, -0.0, 0.0, -1.5, float("inf"), -float("inf"), 1e-40, -1e-40, 0.5, 3.0, -2.0, 0.0])
+    keys = lovasz._descending_bits(values.clone())
+    expected = values.sort(descending=True, stable=True).indices
+    # int32 keys: sorting them ascending (stable) orders the floats decreasingly, -0.0 tied with +0.0
+    torch.testing.assert_close(keys.sort(stable=True).indices, expected)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("first", [0, 1])
+def test_packed_key_sort_equals_two_stable_sorts(per_image, first):
+    """The one int64 key sort (float32 errors) gives the order of the fallback's two stable sorts (float64: errors,
+    then problems) on ties, signed zeros, infinities, negative errors and problems without candidates."""
+    generator = torch.Generator().manual_seed(5)
+    errors = torch.randint(-3, 4, (3, 4, 50), generator=generator).float() / 2
+    errors[0, 1, :5] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), -0.0])
+    fg = torch.rand(3, 4, 50, generator=generator) < 0.3
+    candidates = torch.rand(3, 4, 50, generator=generator) < 0.7
+    candidates[1, 2] = False  # a problem (per image) or a chunk (pooled) without candidates
+    candidates[:, 3] = False  # a class without candidates anywhere
+    candidates[:, :first] = False
+    orders = []
+    for dtype in (torch.float32, torch.float64):
+        problems = lovasz.Problems(errors.to(dtype), fg, None, fg.sum(-1, dtype=torch.int32), None, first, per_image)
+        ordered = lovasz.sort_problems(problems, candidates, lambda values, _: values.clone())
+        orders.append((ordered.positions, ordered.rows.long(), ordered.counts))
+    for packed, fallback in zip(*orders):
+        torch.testing.assert_close(packed, fallback, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("cls", [LovaszSoftmaxLoss, LovaszHingeLoss])
+def test_float32_and_float64_paths_give_the_same_loss_and_gradient(cls, per_image):
+    """float32 takes the packed key sort, float64 the two stable sorts: the same loss."""
+    logits, target, ignore_index = make_batch((6, 5, 4), 5, 3, True, "sentinel", seed=9)
+    loss = cls(to_onehot_y=True, per_image=per_image, ignore_index=ignore_index)
+    value, grad = value_and_grad(lambda x: loss(x, target), logits)
+    value64, grad64 = value_and_grad(lambda x: loss(x, target), logits.double())
+    torch.testing.assert_close(value.double(), value64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("per_image", [True, False])
 def test_classes_absent_from_every_image_are_skipped_exactly(reduction, per_image):
@@ -275,6 +336,8 @@ def test_single_channel_hinge_is_berman_binary_case():
 
 
 class CountSorts(TorchDispatchMode):
+    """Counts torch's sorts, and the calls of the loss' own key sort (numpy's in-place sort on a CPU)."""
+
     def __init__(self):
         super().__init__()
         self.sorts = 0
@@ -282,6 +345,20 @@ class CountSorts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.sorts += func.overloadpacket in (torch.ops.aten.sort, torch.ops.aten.argsort)
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._sort_keys = lovasz._sort_keys
+
+        def counted_sort(keys):
+            self.sorts += keys.device.type == "cpu"  # elsewhere it is a torch sort, counted above
+            return self._sort_keys(keys)
+
+        lovasz._sort_keys = counted_sort
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        lovasz._sort_keys = self._sort_keys
+        return super().__exit__(*exc)
 
 
 @pytest.mark.parametrize("per_image", [True, False])
