@@ -382,20 +382,14 @@ def test_train_one_epoch_then_infer_uses_the_new_weights(
 
 # MONAI Label 0.8.5 lists `run_id: ""` among its trainer's options in /info/ and the Slicer plugin sends it back;
 # BundleTrainTask passes it on to monai.bundle.run, which then evaluates the whole of train.json (the config's root
-# has the ID ""), not only its `run` list. There `"training": "%run"` (a copy of the run list, for
-# `monai.bundle run training`) runs the trainer a second time, from the checkpoint the first run saved (twice the
-# requested epochs), and the top-level datalist expressions prepare the default dataset: the 16-case phantom is
-# generated into the bundle's data/, where docs/README.md says a MONAI Label training writes none. Both go away
-# when the request says run_id "run". A bundle change, reported rather than made here; the xfails are strict, so
-# that the fix shows.
-BUNDLE_EVALUATED_WHOLE = "a Slicer training request (run_id '') evaluates the whole train.json; see the comment"
+# has the ID ""), not only its `run` list. train.json is written for that: `"training": "@run"` refers to the run
+# list (a copy, "%run", ran the trainer a second time), and the dataset is prepared only inside the datalist keys
+# that MONAI Label replaces (a top-level expression generated the phantom into the bundle's data/).
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUNDLE_EVALUATED_WHOLE)
 def test_a_training_request_runs_the_trainer_once(server, training):
     assert trainer_runs(server) == 1, f"{trainer_runs(server)} trainer runs for one training request of 1 epoch"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUNDLE_EVALUATED_WHOLE)
 def test_a_training_request_writes_no_dataset_into_the_bundle(layout, training):
     assert not (layout.bundle / "data").exists(), sorted(p.name for p in (layout.bundle / "data").rglob("*"))[:5]
