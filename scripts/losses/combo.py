@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,6 @@ from .core import (
     per_voxel_mean,
     select_classes,
     takes_fused_index_path,
-    voxel_chunks,
 )
 from .dice import dice_loss
 
@@ -91,181 +91,132 @@ def _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta: float) -> torc
     return -((1 - beta) * negatives + class_sums(at_label, labels, log_p.shape[1]))
 
 
-# below this sum of the non-dominant probabilities, log of it loses digits (or is log 0): those voxels take the
-# exact logsumexp of the log-probabilities instead (logits more than ~60 apart, rare)
-_TINY_REST = 1e-25
+class _ComboIndexSums(torch.autograd.Function):
+    """``(FP, TP, FN, weighted-CE sum)`` per image and class, ``(4, B, C)``, from logits and index labels (mask m in
+    {0, 1}), over the whole volume in a few operations, with the gradient written by hand.
 
+    The forward keeps the (masked) probabilities, from which the backward builds the logits' gradient: with the
+    upstream gradients ``G_fp, G_tp, G_fn, G_ce`` of the four sums, ``v = G_fp`` (every voxel's ``p_c`` is in the
+    predicted volume), ``t = G_tp - G_fp - G_fn`` (the voxel's own class) and ``a = (1 - beta) G_ce`` (the
+    negatives), the gradient w.r.t. ``log p_k`` of a voxel of class ``y`` is
 
-def _chunk_likelihoods(
-    logits: torch.Tensor, softmax: bool, probs_out: torch.Tensor, rest_out: torch.Tensor | None, exact_tiny: bool
-):
-    """``(log p, log(1 - p))`` of a ``(B, C, n)`` chunk of logits; ``p`` is written into ``probs_out`` and, for the
-    softmax, ``log(1 - p_d)`` of each voxel's dominant class (``p_d > 1/2``, at most one) into ``rest_out``.
+        g_k = m p_k (v_k + a_k / (1 - p_k))                  for k != y
+        g_y = m (p_y (v_y + t_y) - beta G_ce_y)
 
-    ``1 - p_c`` cancels once ``p_c`` rounds to 1, which only the dominant class can: its ``log(1 - p_d)`` is the log
-    of the other classes' sum, ``log1p(-p_c)`` is accurate for every other class. Where that sum is below
-    ``_TINY_REST`` its log comes from the log-probabilities instead, if ``exact_tiny`` (else it may be -inf).
+    (a sigmoid's ``g`` is taken w.r.t. the logit: ``p (1 - p) v + p a``, and ``(1 - p_y)(p_y (v_y + t_y) - beta
+    G_ce_y)``); a softmax's logits then get ``g - p sum(g)``. ``log(1 - p_k)`` is ``log1p(-p_k)``, exact unless
+    ``p_k`` is close to 1, which only the most probable class ``d`` of a voxel can be, and which only counts where
+    ``d`` is not the voxel's class (its own class is left out of the negatives): on those voxels alone, ``log(1 -
+    p_d)`` is the log of the other classes' sum, from the logits in log space (finite for any finite logits), and
+    its gradient ``-a_d p_k / (1 - p_d)`` moves to the other classes.
     """
-    if not softmax:
-        torch.sigmoid(logits, out=probs_out)
-        return F.logsigmoid(logits), F.logsigmoid(-logits)
-    log_p = logits.log_softmax(1)
-    probs = torch.exp(log_p, out=probs_out)
-    dominant = probs > 0.5
-    rest = torch.where(dominant, 0.0, probs).sum(1, keepdim=True)
-    log_rest = rest.log()
-    tiny = rest < _TINY_REST if exact_tiny else None
-    if exact_tiny and tiny.any():
-        exact = log_p.masked_fill(dominant, -math.inf).logsumexp(1, keepdim=True)
-        log_rest = torch.where(tiny, exact, log_rest)
-    rest_out.copy_(log_rest)
-    return log_p, torch.where(dominant, log_rest, torch.log1p(-probs))
-
-
-def _chunk_sums(logits, labels, mask, softmax: bool, beta: float, probs_out, rest_out, exact_tiny) -> torch.Tensor:
-    """``(4, B, C)``: FP, TP, FN and weighted-CE sum of one voxel chunk of logits with index labels.
-
-    TP, FP and FN come from the confusion sums as in ``core._index_overlap_sums``, each a sum of its own terms."""
-    log_p, log_1mp = _chunk_likelihoods(logits, softmax, probs_out, rest_out, exact_tiny)
-    probs = probs_out if mask is None else probs_out * mask.unsqueeze(1)
-    confusion = class_sums(probs, labels, logits.shape[1])
-    tp = confusion.diagonal(dim1=1, dim2=2)
-    fp, fn = off_diagonal_sums(confusion)
-    if not softmax:
-        missed = torch.sigmoid(-logits.gather(1, labels.unsqueeze(1)).squeeze(1))
-        fn = class_sums(missed if mask is None else missed * mask, labels, logits.shape[1])
-    return torch.stack((fp, tp, fn, _index_cross_entropy_sums(log_p, log_1mp, labels, mask, beta)))
-
-
-def _chunk_grad_(
-    probs, log_rest, logits, labels, mask, softmax: bool, beta: float, grad_sums, any_tiny: bool = True
-) -> torch.Tensor:
-    """Turn a chunk's probabilities ``probs`` ``(B, C, n)``, in place, into the gradient of
-    ``sum(grad_sums * (predicted volume, TP, weighted-CE sums))`` w.r.t. its logits, written out by hand: a few
-    large ops and no logarithm or exponential for the softmax (``log(1 - p_d)`` was kept from the forward).
-
-    With ``G_v, G_tp, G_ce`` the upstream gradients of the three sums (``(B, C)``), mask ``m``, the label ``y`` and
-    ``A_c = (1 - beta) m G_ce_c`` for ``c != y`` (0 at ``y``):
-
-        dL/dp_c = m G_v_c + [c = y] m G_tp_c,  dL/dlog p_y = -beta m G_ce_y,  dL/dlog(1 - p_c) = -A_c
-
-    ``any_tiny`` False says (from one check over the whole volume) that no voxel needs the log-space term below.
-    """
-    index = labels.unsqueeze(1)
-    mask = None if mask is None else mask.unsqueeze(1)
-    grad_volume, grad_tp, grad_ce = grad_sums
-    label_p = probs.gather(1, index)
-    at_label = grad_tp.gather(1, labels).unsqueeze(1) * label_p - beta * grad_ce.gather(1, labels).unsqueeze(1)
-    volume = grad_volume.unsqueeze(-1) if mask is None else grad_volume.unsqueeze(-1) * mask
-    negative = ((1 - beta) * grad_ce).unsqueeze(-1)
-    negative = (negative.expand_as(probs) if mask is None else negative * mask).scatter(1, index, 0.0)  # A
-    if mask is not None:
-        at_label *= mask
-    if not softmax:
-        # dp/dx = p (1 - p), dlog p/dx = 1 - p, dlog(1 - p)/dx = -p
-        grad = probs.mul_(volume * (1 - probs) + negative)
-        return grad.scatter_add_(1, index, at_label * (1 - label_p))
-    # dL/dlog p_k, then through log-softmax: dL/dx_k = g_k - p_k sum_j g_j.
-    # dlog(1 - p_c)/dlog p_c = -p_c / (1 - p_c) for a non-dominant c (bounded by 1); for the dominant d,
-    # log(1 - p_d) = log sum_{k != d} p_k, so dlog(1 - p_d)/dlog p_k = p_k / (1 - p_d) (bounded by 1) for k != d:
-    #   g_k = p_k (m G_v_k + A_k / (1 - p_k) - A_d / (1 - p_d))   for k != d,   g_d = p_d m G_v_d
-    # (plus the label's terms), computed in place in A's buffer
-    dominant = probs > 0.5
-    dominant_weight = (negative * dominant).sum(1, keepdim=True)  # A_d, 0 without a dominant class
-    per_p = negative.div_(1 - probs).sub_(torch.exp(-log_rest).mul_(dominant_weight)).masked_fill_(dominant, 0.0)
-    grad_log_p = per_p.add_(volume).mul_(probs)
-    tiny = log_rest < math.log(_TINY_REST) if any_tiny else None
-    if any_tiny and tiny.any():  # p_k underflows there: A_d p_k / (1 - p_d) from the log-probabilities instead
-        share = (logits.log_softmax(1) - log_rest).exp_().mul_(dominant_weight)
-        exact = ((1 - beta) * grad_ce).unsqueeze(-1).expand_as(probs).scatter(1, index, 0.0)
-        exact = exact.mul(1 if mask is None else mask).mul_(probs).div_(1 - probs).sub_(share)
-        exact = exact.masked_fill_(dominant, 0.0).add_(probs * volume)
-        grad_log_p = torch.where(tiny, exact, grad_log_p)
-    grad_log_p.scatter_add_(1, index, at_label)
-    return probs.mul_(grad_log_p.sum(1, keepdim=True).neg_()).add_(grad_log_p)
-
-
-# voxels per chunk of the memory-light path: bounds its temporaries to a few MB whatever the volume
-_CHUNK_ELEMENTS = 1 << 19
-
-
-class _ChunkedIndexSums(torch.autograd.Function):
-    """``_chunk_sums`` over the whole volume, one chunk at a time. The probabilities are kept in one full-size
-    buffer (with ``log(1 - p)`` of each voxel's dominant class, ``1/C`` of that), which the backward turns in place
-    into the logits' gradient chunk by chunk (``_chunk_grad_``): no log-probabilities or one-hot are kept, and the
-    backward needs no exponential."""
 
     @staticmethod
     def forward(ctx, logits, labels, mask, softmax, beta):
-        step = max(1024, _CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[1]))
+        index, dtype = labels.unsqueeze(1), compute_dtype(logits.dtype)
+        weight = None if mask is None else mask.unsqueeze(1).to(dtype)
+        if softmax:
+            probs = torch.log_softmax(logits, 1, dtype=dtype)
+            log_own = probs.gather(1, index)
+            probs.exp_()
+            probs = probs if weight is None else probs.mul_(weight)  # masked p: 0, so log(1 - p) is 0 there too
+            log_others = torch.neg(probs).log1p_()
+            wrong = _confidently_wrong(probs, log_own.exp(), logits, log_others)
+            confusion = class_sums(probs, labels, probs.shape[1])
+            missed = None
+        else:
+            wide = logits.to(dtype)
+            probs, log_others = torch.sigmoid(wide), F.logsigmoid(-wide)
+            log_own = F.logsigmoid(wide.gather(1, index))
+            missed = torch.sigmoid(-wide.gather(1, index))
+            if weight is not None:  # masked_fill, not a product: an ignored voxel's logit may be infinite
+                probs.mul_(weight)
+                log_others.masked_fill_(weight == 0, 0.0)
+                missed.mul_(weight)
+            confusion, wrong = class_sums(probs, labels, probs.shape[1]), None
+        if weight is not None:
+            log_own = log_own.masked_fill(weight == 0, 0.0)
+        # each statistic a sum of its own terms (the own class apart): exact in float32 for a confident prediction
+        fp, fn = off_diagonal_sums(confusion)
+        if missed is not None:
+            fn = class_sums(missed.squeeze(1), labels, probs.shape[1])
+        log_others = class_sums(log_others, labels, probs.shape[1])
+        negatives = off_diagonal_sums(log_others)[0]  # the own class left out
+        if not softmax:  # an infinite logit of the own class shows only there (a softmax turns it into NaN anyway)
+            negatives = negatives + log_others.diagonal(dim1=1, dim2=2) * 0
+        positives = class_sums(log_own.squeeze(1), labels, probs.shape[1])
+        cross_entropy = -(beta * positives + (1 - beta) * negatives)
         ctx.save_for_backward(logits, labels, mask)
-        ctx.softmax, ctx.beta, ctx.step = softmax, beta, step
-        probs, log_rest, total = _ChunkedIndexSums._sums(logits, labels, mask, softmax, beta, step)
-        ctx.probs, ctx.log_rest = (probs, log_rest) if ctx.needs_input_grad[0] else (None, None)
-        return total
-
-    @staticmethod
-    def _sums(logits, labels, mask, softmax, beta, step, exact_tiny=False):
-        """One pass over the chunks; rerun with the log-space fallback only if some voxel needs it (one check for
-        the whole volume instead of two small ops per chunk, each a thread synchronisation)."""
-        dtype = compute_dtype(logits.dtype)
-        probs = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-        log_rest = probs.new_empty((logits.shape[0], 1, logits.shape[2])) if softmax else None
-        chunk_sums = []
-        for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, step):
-            stop = start + chunk.shape[-1]
-            rest_out = None if log_rest is None else log_rest[:, :, start:stop]
-            chunk_sums.append(
-                _chunk_sums(
-                    chunk, chunk_labels, chunk_mask, softmax, beta, probs[:, :, start:stop], rest_out, exact_tiny
-                )
-            )
-        total = torch.stack(chunk_sums).sum(0)  # pairwise over the chunks, not one after the other
-        if not exact_tiny and log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any()):
-            return _ChunkedIndexSums._sums(logits, labels, mask, softmax, beta, step, exact_tiny=True)
-        return probs, log_rest, total
+        ctx.probs = probs if ctx.needs_input_grad[0] else None
+        ctx.softmax, ctx.beta, ctx.wrong = softmax, beta, wrong
+        return torch.stack((fp, confusion.diagonal(dim1=1, dim2=2), fn, cross_entropy))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         logits, labels, mask = ctx.saved_tensors
-        (grad, log_rest), ctx.probs, ctx.log_rest = (ctx.probs, ctx.log_rest), None, None
-        if grad is None:  # a second backward through the same graph (retain_graph, gradcheck)
-            grad, log_rest, _ = _ChunkedIndexSums._sums(logits, labels, mask, ctx.softmax, ctx.beta, ctx.step)
+        probs = ctx.probs
         with torch.autocast(logits.device.type, enabled=False):
-            grad_fp, grad_tp, grad_fn, grad_ce = grad_sums.to(grad.dtype)
-            # FP, TP and FN as the predicted volume (dFP/dp_c = 1) and a term at each voxel's own class
-            grad_sums = (grad_fp, grad_tp - grad_fp - grad_fn, grad_ce)
-            # one check for the whole volume, not two small ops per chunk (each a thread synchronisation)
-            any_tiny = log_rest is not None and bool((log_rest < math.log(_TINY_REST)).any())
-            for start, chunk, chunk_labels, chunk_mask in _chunks(logits, labels, mask, ctx.step):
-                stop = start + chunk.shape[-1]
-                rest = None if log_rest is None else log_rest[:, :, start:stop]
-                _chunk_grad_(
-                    grad[:, :, start:stop],
-                    rest,
-                    chunk,
-                    chunk_labels,
-                    chunk_mask,
-                    ctx.softmax,
-                    ctx.beta,
-                    grad_sums,
-                    any_tiny,
-                )
+            grad_fp, grad_tp, grad_fn, grad_ce = grad_sums.to(probs.dtype).unsqueeze(-1)
+            volume, negative = grad_fp, (1 - ctx.beta) * grad_ce
+            index = labels.unsqueeze(1)
+            own = probs.gather(1, index)
+            # the own class' coefficients of p_y and of the constant, per voxel
+            own_slope = (grad_tp - grad_fn).expand_as(probs).gather(1, index)  # dL/dp_y = v_y + t_y
+            own_constant = (ctx.beta * grad_ce).expand_as(probs).gather(1, index)
+            if ctx.softmax:
+                grad = torch.rsub(probs, 1)
+                torch.div(probs, grad, out=grad).mul_(negative).addcmul_(probs, volume)
+                grad.scatter_(1, index, own * own_slope - own_constant)
+                if ctx.wrong is not None:
+                    _move_dominant_term(grad, probs, logits, negative, volume, ctx.wrong)
+            else:
+                grad = torch.rsub(probs, 1).mul_(probs).mul_(volume).addcmul_(probs, negative)
+                own_missed = torch.sigmoid(-logits.gather(1, index).to(probs.dtype))
+                grad.scatter_(1, index, own_missed * (own * own_slope - own_constant))
+            if mask is not None:
+                grad.mul_(mask.unsqueeze(1).to(grad.dtype))
+            if ctx.softmax:
+                grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
         return grad.to(logits.dtype), None, None, None, None
 
 
-def _chunks(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, step: int):
-    """``(start, logits, labels, mask)`` of each run of ``step`` voxels, logits in the compute dtype (a view when
-    already), mask as its float."""
-    dtype = compute_dtype(logits.dtype)
-    for start, stop in voxel_chunks(logits.shape[-1], step):
-        yield (
-            start,
-            logits[:, :, start:stop].to(dtype),
-            labels[:, start:stop],
-            None if mask is None else mask[:, start:stop].to(dtype),
-        )
+class _Wrong(NamedTuple):
+    """Voxels whose most probable class ``d`` (p > 1/2) is not their own: ``(b, n)`` and ``d`` of each, and the
+    share ``p_k / (1 - p_d)`` of every other class ``(S, C)`` (0 at ``d``), from the logits in log space."""
+
+    images: torch.Tensor
+    voxels: torch.Tensor
+    dominant: torch.Tensor
+    shares: torch.Tensor
+
+
+def _confidently_wrong(probs, own, logits, log_others) -> _Wrong | None:
+    """Find the voxels whose most probable class has p > 1/2 and is not theirs, and write that class' exact
+    ``log(1 - p_d) = logsumexp_{k != d} x_k - logsumexp x`` into ``log_others`` there. Masked voxels (p = 0) are
+    never among them."""
+    top = probs.amax(1, keepdim=True)
+    images, _, voxels = ((top > 0.5) & (own < top)).nonzero(as_tuple=True)
+    if images.numel() == 0:
+        return None
+    columns = logits[images, :, voxels].to(probs.dtype)  # (S, C): few voxels in a confident prediction
+    dominant = columns.argmax(1, keepdim=True)
+    others = columns.scatter(1, dominant, -torch.inf)
+    rest = others.logsumexp(1, keepdim=True)
+    log_others[images, dominant.squeeze(1), voxels] = (rest - columns.logsumexp(1, keepdim=True)).squeeze(1)
+    return _Wrong(images, voxels, dominant, (others - rest).exp_())
+
+
+def _move_dominant_term(grad, probs, logits, negative, volume, wrong: _Wrong) -> None:
+    """On the confidently wrong voxels, replace the dominant class' ``a_d p_d / (1 - p_d)`` (which ``1 - p_d``
+    rounds away from) by the exact gradient of ``a_d log(1 - p_d)``: ``-a_d p_k / (1 - p_d)`` on every other class."""
+    images, voxels, dominant = wrong.images, wrong.voxels, wrong.dominant.squeeze(1)
+    rows = grad[images, :, voxels]  # (S, C)
+    dominant_negative = negative.squeeze(-1)[images, dominant].unsqueeze(1)
+    rows.addcmul_(wrong.shares, dominant_negative, value=-1)
+    dominant_volume = probs[images, dominant, voxels] * volume.squeeze(-1)[images, dominant]
+    rows.scatter_(1, wrong.dominant, dominant_volume.unsqueeze(1))
+    grad[images, :, voxels] = rows
 
 
 def combo_sums(
@@ -273,7 +224,7 @@ def combo_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(TP, FP, FN, wCE sum)`` per image and class ``(B, C)`` over the voxels that count.
 
-    Index targets with a sigmoid / softmax take the chunked path (eager mode; a compiled graph gets the plain
+    Index targets with a sigmoid / softmax take the fused path (eager mode; a compiled graph gets the plain
     formulas, which the compiler fuses itself); everything else the plain path.
     """
     mask = encoded.mask_weight
@@ -281,7 +232,7 @@ def combo_sums(
     activation = "softmax" if softmax else "sigmoid" if sigmoid else None
     if takes_fused_index_path(encoded, activation):
         check_input(input)
-        fp, tp, fn, cross_entropy = _ChunkedIndexSums.apply(flatten_probs(input), encoded.indices, mask, softmax, beta)
+        fp, tp, fn, cross_entropy = _ComboIndexSums.apply(flatten_probs(input), encoded.indices, mask, softmax, beta)
         return tp, fp, fn, cross_entropy
     probs, log_p, log_1mp = log_likelihoods(input, sigmoid, softmax, other_act)
     tp, fp, fn = overlap_stats(probs, encoded)

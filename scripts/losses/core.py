@@ -356,7 +356,7 @@ _BACKWARD_CHUNKS = 8
 
 def voxel_chunks(num_voxels: int, size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of consecutive runs of ``size`` voxels (the last may be shorter): the one chunking of the
-    package, for the fused backward here and Combo's chunked sums."""
+    package, for the fused backward here."""
     return [(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
 
 

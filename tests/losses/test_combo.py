@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.losses import LOSSES, combo, get_loss
+from scripts.losses import LOSSES, get_loss
 from scripts.losses.combo import ComboLoss, log1m_softmax
 from scripts.losses.core import LossInputError
 
@@ -190,10 +190,9 @@ def test_finite_for_huge_logits(activation):
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
-def test_chunked_index_path_equals_plain_path(monkeypatch, activation):
-    """Index targets go through the chunked, recomputing path; several chunks give the one-hot path's value
+def test_fused_index_path_equals_plain_path(activation):
+    """Index targets go through the fused path with its hand-written gradient; it gives the one-hot path's value
     and gradient (the one-hot target takes the plain autograd formulas)."""
-    monkeypatch.setattr(combo, "_CHUNK_ELEMENTS", 1)  # chunks of 1024 voxels: three for 16 x 16 x 10
     generator = torch.Generator().manual_seed(6)
     logits = 4 * torch.randn(2, 3, 16, 16, 10, generator=generator, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 16, 16, 10), generator=generator).masked_fill(
@@ -201,13 +200,13 @@ def test_chunked_index_path_equals_plain_path(monkeypatch, activation):
     )
     onehot = F.one_hot(labels[:, 0].clamp_max(2), 3).movedim(-1, 1).double() * (labels != SENTINEL)
     kwargs = dict(ignore_index=SENTINEL, beta=0.7, include_background=False, **{activation: True})
-    chunked_input, plain_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    chunked = ComboLoss(to_onehot_y=True, **kwargs)(chunked_input, labels)
+    fused_input, plain_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    fused = ComboLoss(to_onehot_y=True, **kwargs)(fused_input, labels)
     plain = ComboLoss(**kwargs)(plain_input, onehot)
-    chunked.backward()
+    fused.backward()
     plain.backward()
-    torch.testing.assert_close(chunked, plain, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(chunked_input.grad, plain_input.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_input.grad, plain_input.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_non_finite_logits_give_non_finite_loss():
