@@ -417,3 +417,22 @@ def test_saturated_softmax_gradient_equals_float64_one_hot_path(scale):
     ComboLoss(to_onehot_y=True, softmax=True, beta=0.3)(index_input, labels).backward()
     ComboLoss(softmax=True, beta=0.3)(reference_input, onehot).backward()
     torch.testing.assert_close(index_input.grad.double(), reference_input.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("margin", [8.0, 12.0, 16.0])
+def test_confidently_wrong_voxels_are_exact_in_float32(margin):
+    """A wrong class ahead by ``margin``: 1 - p_d is about e^-margin, which float32's log1p(-p_d) gets wrong by
+    e^margin * 6e-8 relative; the index path takes log(1 - p_d) from the logits there and matches float64."""
+    generator = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, 4, (2, 1, 10, 9), generator=generator)
+    wrong = (labels + torch.randint(1, 4, labels.shape, generator=generator)) % 4
+    logits = torch.randn(2, 4, 10, 9, generator=generator)
+    logits.scatter_add_(1, wrong, torch.full(labels.shape, margin))
+    onehot = F.one_hot(labels[:, 0], 4).movedim(-1, 1).double()
+    index_input, reference_input = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    value = ComboLoss(to_onehot_y=True, softmax=True, beta=0.3)(index_input, labels)
+    expected = ComboLoss(softmax=True, beta=0.3)(reference_input, onehot)
+    value.backward()
+    expected.backward()
+    torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(index_input.grad.double(), reference_input.grad, rtol=1e-5, atol=1e-8)
