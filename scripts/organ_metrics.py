@@ -9,6 +9,7 @@ Layout, top-down:
 - ``OrganMetric``: an Ignite ``Metric`` reading one score (``dice``, ``iou``, ...) from a shared ``OrganCounts``,
   so ``val_mean_dice`` (key metric) and ``val_mean_iou`` (additional metric) come from one pass over the data.
 - ``OrganMetricsWriter``: a handler writing the per-image CSV and the per-organ summary, and logging a table.
+- ``log_mean_metrics``: a short epoch line for MONAI's ``StatsHandler`` (the means only, not every organ).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "OrganCounts",
     "OrganMetric",
     "OrganMetricsWriter",
+    "log_mean_metrics",
 ]
 
 OVERLAP_METRICS = ("dice", "iou", "precision", "recall")
@@ -575,6 +577,8 @@ class OrganMetricsWriter:
         filename: per-image CSV name. Defaults to ``"organ_metrics.csv"``.
         summary_filename: per-organ CSV name. Defaults to ``"organ_metrics_summary.csv"``.
         logger_name: logger of the table. Defaults to ``"scripts.organ_metrics"``; set ``None`` to log nothing.
+        show_epoch: name the engine's epoch in the table's title (``epoch 5: per-organ scores ...``), for a
+            validation run during training, whose evaluator counts the trainer's epochs. Defaults to ``False``.
     """
 
     def __init__(
@@ -585,6 +589,7 @@ class OrganMetricsWriter:
         filename: str = "organ_metrics.csv",
         summary_filename: str = "organ_metrics_summary.csv",
         logger_name: str | None = "scripts.organ_metrics",
+        show_epoch: bool = False,
     ) -> None:
         unknown = [m for m in metrics if m not in OVERLAP_METRICS]
         if unknown or not metrics:
@@ -595,6 +600,7 @@ class OrganMetricsWriter:
         self.filename = filename
         self.summary_filename = summary_filename
         self.logger = None if logger_name is None else logging.getLogger(logger_name)
+        self.show_epoch = show_epoch
 
     def attach(self, engine: Engine) -> None:
         self.counts.attach(engine)
@@ -609,7 +615,8 @@ class OrganMetricsWriter:
         if idist.get_rank() != 0:
             return
         if self.logger is not None:
-            self.logger.info(self._table(organ_scores, len(names)))
+            title = f"epoch {engine.state.epoch}: " if self.show_epoch and engine is not None else ""
+            self.logger.info(title + self._table(organ_scores, len(names)))
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._write_images(names, image_scores)
@@ -648,3 +655,24 @@ class OrganMetricsWriter:
 
 def _format(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.6f}"
+
+
+def log_mean_metrics(engine: Engine, logger_name: str = "monai.handlers.StatsHandler") -> None:
+    """
+    An ``epoch_print_logger`` for MONAI's ``StatsHandler`` on an evaluator that has ``OrganMetric`` views: one line
+    with the means (``val_mean_dice: 0.8123 val_mean_iou: 0.7012``), leaving out the ``"<name>/<organ>"`` entries
+    that ``OrganMetricsWriter`` shows as a table, then the key metric's best value and its epoch.
+
+    Args:
+        engine: the evaluator, after its epoch.
+        logger_name: logger of the two lines. Defaults to the ``StatsHandler``'s.
+    """
+    logger = logging.getLogger(logger_name)
+    means = {k: v for k, v in engine.state.metrics.items() if "/" not in k and isinstance(v, (int, float))}
+    if means:
+        values = " ".join(f"{name}: {float(means[name]):.4f}" for name in sorted(means))
+        logger.info(f"Epoch[{engine.state.epoch}] Metrics -- {values}")
+    key = getattr(engine.state, "key_metric_name", None)
+    if key is not None and hasattr(engine.state, "best_metric"):
+        best, epoch = engine.state.best_metric, getattr(engine.state, "best_metric_epoch", -1)
+        logger.info(f"Key metric: {key} best value: {float(best):.4f} at epoch: {epoch}")

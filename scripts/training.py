@@ -1,6 +1,7 @@
 """Trainer-side helpers of the bundle's configs: a stop on a non-finite or diverging loss, epoch checkpoints that
-belong to one run and resume it, a saver of the best model that never loses weights it did not write, a progress
-bar that shows the loss, and an up-front check of the configured loss."""
+belong to one run and resume it, a saver of the best model that never loses weights it did not write and a last
+line naming it, a progress bar that shows the loss, engine logs from rank 0 only under ``torch.distributed``, and an
+up-front check of the configured loss."""
 
 from __future__ import annotations
 
@@ -344,18 +345,25 @@ class BestModelSaver:
         self.best_epoch = -1
         self.written_digest: str | None = None
         self.kept_previous: Path | None = None
+        self.best_metric_name: str | None = metric_name
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._show_restored_best)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def state_dict(self) -> dict:
-        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "written_digest": self.written_digest}
+        return {
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "written_digest": self.written_digest,
+            "best_metric_name": self.best_metric_name,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.written_digest = state.get("written_digest")
+        self.best_metric_name = state.get("best_metric_name") or self.best_metric_name
 
     def _show_restored_best(self, engine: Engine) -> None:
         # MONAI's evaluator logs its own best metric; after a resume it would otherwise start again at -1
@@ -367,7 +375,7 @@ class BestModelSaver:
         value = float(engine.state.metrics[name])
         if not value > self.best_metric:  # also refuses NaN
             return
-        self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+        self.best_metric, self.best_epoch, self.best_metric_name = value, int(engine.state.epoch), name
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             self._write()
 
@@ -401,6 +409,67 @@ class BestModelSaver:
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class BestModelReport:
+    """Trainer handler: when training completes, one log line naming the best model's file, its epoch and score,
+    ``best model: models/model.pt (epoch 45, val_mean_dice 0.8123)``, from the ``BestModelSaver`` of the evaluator
+    (after a resume, the best of the whole run). When no validation gave a finite score, a warning says that no
+    model was written.
+
+    Args:
+        saver: the evaluator's ``BestModelSaver``.
+        logger_name: logger of the line. Defaults to ``"scripts.training"``.
+    """
+
+    def __init__(self, saver: BestModelSaver, logger_name: str = __name__) -> None:
+        if not isinstance(saver, BestModelSaver):
+            raise ValueError(f"saver must be a BestModelSaver, got {type(saver).__name__}.")
+        self.saver = saver
+        self.logger = logging.getLogger(logger_name)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def summary(self) -> str:
+        path = os.path.normpath(self.saver.model_path)
+        name = self.saver.best_metric_name or "key metric"
+        if self.saver.best_epoch < 0:
+            return f"no best model: no validation gave a finite {name}, so {path} was not written by this run."
+        return f"best model: {path} (epoch {self.saver.best_epoch}, {name} {self.saver.best_metric:.4f})"
+
+    def __call__(self, engine: Engine) -> None:
+        if self.saver.best_epoch < 0:
+            self.logger.warning(self.summary())
+        else:
+            self.logger.info(self.summary())
+
+
+class RankZeroLogs:
+    """Engine handler for ``torch.distributed`` runs: on ranks other than 0, the engine's logger (Ignite's
+    ``Engine run ...``, ``Epoch[N] Complete``, MONAI's ``Got new best metric ...``, ``Current learning rate``) and
+    the loggers named in ``logger_names`` show only warnings and errors, so that each line is printed once, by
+    rank 0. Without a process group, or on rank 0, it does nothing.
+
+    Args:
+        logger_names: further loggers to quiet on the other ranks. Defaults to none.
+        level: the level they keep on the other ranks. Defaults to ``logging.WARNING``.
+    """
+
+    def __init__(self, logger_names: tuple[str, ...] | list[str] = (), level: int | str = logging.WARNING) -> None:
+        self.logger_names = tuple(logger_names)
+        self.level = logging.getLevelName(level) if isinstance(level, str) else level
+        if not isinstance(self.level, int):
+            raise ValueError(f"level must be a logging level such as 'WARNING', got {level!r}.")
+
+    def attach(self, engine: Engine) -> None:
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        if torch.distributed.get_rank() == 0:
+            return
+        engine.logger.setLevel(self.level)
+        for name in self.logger_names:
+            logging.getLogger(name).setLevel(self.level)
 
 
 class LossProgressBar:
