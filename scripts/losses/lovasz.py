@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .core import (
@@ -38,8 +40,8 @@ CLASS_SELECTIONS = ("present", "all")
 
 def jaccard_steps(union, seen_before, fg, step: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 1's gradient ``g_i = J_i - J_{i-1}`` at each sorted position, elementwise, from ``u_i = |fg u S_i|``
-    (``S_i``: the ``i`` largest errors), ``s_{i-1} = |S_{i-1}|`` and the voxel's own foreground ``fg_i``; ``union``
-    and ``seen_before`` are overwritten (they are as large as the sorted voxels).
+    (``S_i``: the ``i`` largest errors), ``s_{i-1} = |S_{i-1}|`` and the voxel's own foreground ``fg_i``, all three
+    overwritten (they are as large as the sorted voxels; the result is in ``fg``'s memory).
 
     With ``J_i = s_i / u_i``, ``g_i`` is one fraction of non-negative terms, ``(ds_i (u_{i-1} - s_{i-1}) + s_{i-1}
     fg_i) / (u_i u_{i-1})``, where ``ds_i = s_i - s_{i-1}`` (``step``: 0 on padding, None for 1) and ``u_{i-1} = u_i
@@ -49,9 +51,9 @@ def jaccard_steps(union, seen_before, fg, step: torch.Tensor | None = None) -> t
     """
     union_before = (union - (1 if step is None else step)).add_(fg).clamp_min_(1)
     if step is None:  # the numerator as u_{i-1} - s_{i-1} (1 - fg_i)
-        numerator = (1 - fg).mul_(seen_before).neg_().add_(union_before)
+        numerator = fg.neg_().add_(1).mul_(seen_before).neg_().add_(union_before)
     else:
-        numerator = (union_before - seen_before).mul_(step).addcmul_(seen_before, fg)
+        numerator = fg.mul_(seen_before).addcmul_(union_before.sub(seen_before), step)
     return numerator.div_(union.clamp_min_(1)).div_(union_before)
 
 
@@ -77,7 +79,7 @@ def lovasz_grad(
     """
     dtype = dtype or fg_sorted.dtype
     positions = torch.arange(1, fg_sorted.shape[-1] + 1, dtype=dtype, device=fg_sorted.device)
-    fg = fg_sorted.to(dtype)
+    fg = fg_sorted.to(dtype, copy=True)
     fg_seen = fg.cumsum(-1)
     fg_total = fg_seen[..., -1:].clone() if fg_total is None else fg_total.to(dtype)
     if valid_count is None:
@@ -137,40 +139,44 @@ class Problems(NamedTuple):
 
 class SortedProblems(NamedTuple):
     """The candidates of all problems, problem after problem, each by decreasing error (``K`` in all):
-    ``positions`` (int64 flat indices into ``(B, C, N)``), ``rows`` (their problem, int32), the ``values`` (scores)
-    and ``fg`` there; ``counts`` and ``fg_total`` (the whole foreground) of each problem, ``(R,)``."""
+    ``positions`` (int64 flat indices into ``(B, C, N)``), ``rows`` (their problem, int32), the ``errors`` and
+    ``fg`` there; ``counts`` and ``fg_total`` (the whole foreground) of each problem, ``(R,)``."""
 
     positions: torch.Tensor
     rows: torch.Tensor
-    values: torch.Tensor
+    errors: torch.Tensor
     fg: torch.Tensor
     counts: torch.Tensor
     fg_total: torch.Tensor
 
 
-def sort_problems(problems: Problems, candidates: torch.Tensor, errors_of: Callable) -> SortedProblems:
+def sort_problems(problems: Problems, errors: torch.Tensor, candidates: torch.Tensor) -> SortedProblems:
     """Sort the ``candidates`` (``(B, C, N)`` bool: the voxels that may get a non-zero weight, none below class
-    ``first``) of every problem by decreasing error, equal errors in voxel order (as a stable sort of the problem's
-    voxels, the reference's), in one sort; ``errors_of(values, fg)`` gives the candidates' errors.
+    ``first``) of every problem by decreasing ``errors`` (``(B, C, N)``), equal errors in voxel order (as a stable
+    sort of the problem's voxels, the reference's), in one sort.
 
     Candidate-sized tensors are int32 / float32 where they can be: an int64 one of a few million candidates is
     above glibc's mmap threshold (32 MB), so each new one costs page faults, as much as several operations."""
-    values, fg = problems.scores.view(-1), problems.fg.contiguous().view(-1)
+    errors, fg = errors.contiguous().view(-1), problems.fg.contiguous().view(-1)
     chunk_rows = problems.chunk_rows()
     flat = candidates.contiguous().view(-1).nonzero().squeeze(1)  # chunk after chunk, each in voxel order
     chunk_starts = torch.arange(0, candidates.numel() + 1, candidates.shape[-1], device=flat.device)
     chunk_counts = torch.searchsorted(flat, chunk_starts).diff()
-    # index_select: several times faster than indexing with [flat] on a CPU
-    errors = errors_of(values.index_select(0, flat), fg.index_select(0, flat))
     counts = chunk_counts.new_zeros(int(chunk_rows.max()) + 1).index_add_(0, chunk_rows, chunk_counts)
-    rows, positions = _sort_packed(errors, flat, chunk_rows, chunk_counts, counts, candidates.shape[-1])
+    # index_select: several times faster than indexing with [flat] on a CPU
+    keys = errors.index_select(0, flat)
+    rows, positions = _sort_packed(
+        keys, flat, chunk_rows, chunk_counts, counts, candidates.shape[-1], problems.per_image
+    )
     fg_total = problems.per_problem(problems.fg_total).reshape(-1)
     return SortedProblems(
-        positions, rows, values.index_select(0, positions), fg.index_select(0, positions), counts, fg_total
+        positions, rows, errors.index_select(0, positions), fg.index_select(0, positions), counts, fg_total
     )
 
 
-def _sort_packed(errors, flat, chunk_rows, chunk_counts, counts, voxels) -> tuple[torch.Tensor, torch.Tensor]:
+def _sort_packed(
+    errors, flat, chunk_rows, chunk_counts, counts, voxels, per_image
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The row (int32) and position of each candidate, row by row, each row by decreasing error, then position.
 
     One sort of int64 keys ``row * 2^(32 + P) + error bits * 2^P + position`` (P bits for a position), built in
@@ -192,7 +198,8 @@ def _sort_packed(errors, flat, chunk_rows, chunk_counts, counts, voxels) -> tupl
     low.bitwise_or_(error_bits << position_bits)
     high.copy_((error_bits >> (32 - position_bits)).bitwise_and_((1 << position_bits) - 1))
     high.bitwise_or_(rows.bitwise_left_shift_(position_bits))
-    _sort_keys(flat)
+    # a problem per image and class is a run of chunks, so the keys split between chunks without interleaving
+    _sort_keys(flat, chunk_counts.cumsum(0).tolist() if per_image else [])
     return flat.view(torch.int32)[1::2] >> position_bits, flat.bitwise_and_((1 << position_bits) - 1)
 
 
@@ -206,28 +213,37 @@ def _runs(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tenso
     return steps[:total].cumsum(0, dtype=torch.int32)
 
 
-def _sort_keys(keys: torch.Tensor) -> None:
-    """Sort int64 ``keys`` in place: numpy's sort on a CPU (its int64 sort is several times faster than torch's)."""
-    if keys.device.type == "cpu":
-        keys.numpy().sort()
-    else:
+def _sort_keys(keys: torch.Tensor, splits: list[int]) -> None:
+    """Sort int64 ``keys`` in place: numpy's sort on a CPU (several times faster than torch's for int64). ``splits``:
+    offsets where the keys can be cut into parts that do not interleave; such parts are sorted in parallel, one
+    per torch thread (numpy's sort releases the GIL)."""
+    if keys.device.type != "cpu":
         keys.copy_(keys.sort().values)
+        return
+    array, parts = keys.numpy(), min(torch.get_num_threads(), 1 + len(splits))
+    cuts = [0, *sorted({min(splits, key=lambda s: abs(s - i * keys.numel() // parts)) for i in range(1, parts)})]
+    pieces = [array[start:stop] for start, stop in zip(cuts, [*cuts[1:], keys.numel()])]
+    if len(pieces) == 1 or keys.numel() < 2**16:
+        array.sort()
+        return
+    with ThreadPoolExecutor(len(pieces)) as pool:
+        list(pool.map(np.ndarray.sort, pieces))
 
 
 def _sorted_grad(ordered: SortedProblems, dtype: torch.dtype) -> torch.Tensor:
     """Algorithm 1's gradient at every sorted candidate, ``(K,)``, from cumulative counts over all the problems at
     once and one constant per problem (in float64 for soft targets or past float32's exact 2^24)."""
-    fg, rows, counts = ordered.fg, ordered.rows, ordered.counts
-    exact = dtype == torch.float64 or (fg.dtype == torch.bool and fg.numel() <= 2**24)
-    fg = fg.to(dtype if exact else torch.float64)
-    fg_seen = fg.cumsum(0)
+    rows, counts = ordered.rows, ordered.counts
+    exact = dtype == torch.float64 or (ordered.fg.dtype == torch.bool and ordered.fg.numel() <= 2**24)
+    fg = ordered.fg.to(dtype if exact else torch.float64, copy=True)
     starts = (counts.cumsum(0) - counts).to(fg.dtype)
     # each problem's foreground before its first candidate (a problem without candidates has none to correct)
     first = starts.long().clamp_max(max(0, fg.numel() - 1))
-    fg_before = fg_seen[first] - fg[first] if fg.numel() else starts
+    union = fg.cumsum(0)
+    fg_before = union[first] - fg[first] if fg.numel() else starts
     position = torch.arange(1, fg.numel() + 1, dtype=fg.dtype, device=fg.device)
-    # u_i = T - F_i + s_i with F_i = fg_seen - fg_before and s_i = position - start, per problem
-    union = (ordered.fg_total.to(fg.dtype) + fg_before - starts).index_select(0, rows).add_(position).sub_(fg_seen)
+    # u_i = T - F_i + s_i with F_i = cumulative fg - fg_before and s_i = position - start, per problem
+    union.neg_().add_(position).add_((ordered.fg_total.to(fg.dtype) + fg_before - starts).index_select(0, rows))
     seen_before = position.sub_((starts + 1).index_select(0, rows))
     return jaccard_steps(union, seen_before, fg).to(dtype)
 
@@ -253,7 +269,7 @@ def lovasz_weights(
     """
     errors = errors.detach().contiguous()
     problems = Problems(errors, fg, None, fg.sum(-1, dtype=errors.dtype), None, 0, per_image)
-    ordered = sort_problems(problems, candidates, lambda values, _: values.clone())
+    ordered = sort_problems(problems, errors, candidates)
     weights = torch.zeros_like(errors)
     weights.view(-1).scatter_(0, ordered.positions, _sorted_grad(ordered, errors.dtype))
     return weights
@@ -262,20 +278,23 @@ def lovasz_weights(
 class _LovaszExtension(torch.autograd.Function):
     """The Lovasz extension ``sum_i e_(i) g_i`` of every problem, ``(B, C')`` (``(1, C')`` pooled), from the scores.
 
-    ``terms(scores, fg[, weights])`` gives the candidates' errors (and the weights times the errors' derivatives:
-    +-1, or ``sign`` for ``|fg - p|``). The backward writes those into the sorted voxels' positions of a zero
-    gradient, the only full-size tensor either pass adds; kept between them: each candidate's position, problem and
-    signed weight.
+    ``errors`` ``(B, C, N)`` are the scores' errors (no gradient), whose derivative w.r.t. the score is -1 on a hard
+    foreground voxel and +1 elsewhere, or ``slopes(positions, fg)`` for a soft target. The backward writes the
+    weights times the slopes into the sorted voxels' positions of a zero gradient, the only full-size tensor either
+    pass adds; kept between them: each candidate's position, problem and signed weight.
     """
 
     @staticmethod
-    def forward(ctx, scores, problems, candidates, terms):
-        ordered = sort_problems(problems._replace(scores=scores), candidates, terms)
+    def forward(ctx, scores, problems, errors, candidates, slopes):
+        ordered = sort_problems(problems, errors, candidates)
         weights = _sorted_grad(ordered, scores.dtype)
-        errors, ctx.signed = terms(ordered.values, ordered.fg, weights)
+        if slopes is None:
+            ctx.signed = torch.where(ordered.fg, -weights, weights)
+        else:
+            ctx.signed = slopes(ordered.positions, ordered.fg).mul_(weights)
         # each problem's sum on its own run of candidates (torch.sum adds pairwise: no error growing with the run)
-        products = errors.mul_(weights).split(ordered.counts.tolist())
-        table = torch.stack([run.sum() for run in products]) if products else errors.new_zeros(0)
+        products = ordered.errors.mul_(weights).split(ordered.counts.tolist())
+        table = torch.stack([run.sum() for run in products]) if products else scores.new_zeros(0)
         ctx.positions, ctx.rows, ctx.shape = ordered.positions, ordered.rows, scores.shape
         return table.view(scores.shape[0] if problems.per_image else 1, -1)
 
@@ -285,48 +304,35 @@ class _LovaszExtension(torch.autograd.Function):
         signed = ctx.signed * grad_table.reshape(-1).index_select(0, ctx.rows)
         grad = grad_table.new_zeros(ctx.shape)
         grad.view(-1).scatter_(0, ctx.positions, signed)
-        return grad, None, None, None
-
-
-def _hinge_terms(logits: torch.Tensor, fg: torch.Tensor, weights: torch.Tensor | None = None):
-    """Margin errors ``1 - x s`` (``s = +1`` on foreground, ``-1`` elsewhere); with ``weights``, also the weights
-    times the errors' slopes ``-s``. The hinge's ``max(0, .)`` is the identity on the candidates (errors > 0)."""
-    if fg.dtype == torch.bool:  # index targets: no float one-hot copy
-        errors = torch.where(fg, 1 - logits, 1 + logits)
-        return errors if weights is None else (errors, torch.where(fg, -weights, weights))
-    signs = 2 * fg - 1
-    errors = 1 - logits * signs
-    return errors if weights is None else (errors, -signs * weights)
-
-
-def _softmax_terms(probs: torch.Tensor, fg: torch.Tensor, weights: torch.Tensor | None = None):
-    """Errors ``|fg - p|``; with ``weights``, also the weights times the errors' slopes (``-1`` on a hard foreground
-    voxel, ``+1`` elsewhere, ``sign(p - fg)`` for a soft target)."""
-    if fg.dtype == torch.bool:
-        errors = torch.where(fg, 1 - probs, probs)
-        return errors if weights is None else (errors, torch.where(fg, -weights, weights))
-    difference = probs - fg
-    return difference.abs() if weights is None else (difference.abs(), difference.sign() * weights)
+        return grad, None, None, None, None
 
 
 def lovasz_hinge(problems: Problems) -> torch.Tensor:
     """Lovasz hinge (eq. 10, 11) of every problem, ``(B, C')`` (``(1, C')`` pooled): margin errors ``1 - x s`` with
-    signs ``s = 2 fg - 1`` on raw logits (``problems.scores``; no sigmoid: the margin is defined on logits)."""
+    signs ``s = 2 fg - 1`` on raw logits (``problems.scores``; no sigmoid: the margin is defined on logits). The
+    hinge's ``max(0, .)`` is the identity on the candidates, the voxels with a positive error."""
     logits, fg = problems.scores, problems.fg
-    # errors > 0, NaN included so that a non-finite logit shows; for index targets without a float error tensor
-    if fg.dtype == torch.bool:
-        candidates = torch.where(fg, logits, -logits).ge(1).logical_not_()
+    if fg.dtype == torch.bool:  # index targets: no float one-hot copy
+        errors, slopes = torch.where(fg, -logits, logits).add_(1), None
     else:
-        candidates = _hinge_terms(logits, fg).le(0).logical_not_()
-    return _LovaszExtension.apply(logits, problems, _keep(candidates, problems), _hinge_terms)
+        signs = 2 * fg - 1
+        errors, slopes = 1 - logits * signs, lambda _, fg: 1 - 2 * fg
+    candidates = errors.le(0).logical_not_()  # NaN included, so that a non-finite logit shows
+    return _LovaszExtension.apply(logits, problems, errors, _keep(candidates, problems), slopes)
 
 
 def lovasz_softmax(problems: Problems, counted: torch.Tensor | None = None) -> torch.Tensor:
     """Lovasz-softmax terms (eq. 8, 12) of every problem, ``(B, C')`` (``(1, C')`` pooled): errors ``|fg_c - p_c|``
     of each class' probabilities (``problems.scores``). A problem not ``counted`` (``(B, C')`` / ``(1, C')`` bool;
     None: all) is not sorted and gives 0, unless a NaN score shows there."""
-    candidates = _keep(_softmax_candidates(problems, counted), problems)
-    return _LovaszExtension.apply(problems.scores, problems, candidates, _softmax_terms)
+    probs, fg = problems.scores, problems.fg
+    if fg.dtype == torch.bool:
+        errors, slopes = torch.where(fg, 1 - probs, probs), None
+    else:
+        flat = probs.view(-1)
+        errors, slopes = (fg - probs).abs(), lambda positions, fg: (flat.index_select(0, positions) - fg).sign_()
+    candidates = _keep(_softmax_candidates(problems, errors, counted), problems)
+    return _LovaszExtension.apply(probs, problems, errors, candidates, slopes)
 
 
 def _keep(candidates: torch.Tensor, problems: Problems) -> torch.Tensor:
@@ -337,22 +343,22 @@ def _keep(candidates: torch.Tensor, problems: Problems) -> torch.Tensor:
     return candidates
 
 
-def _softmax_candidates(problems: Problems, counted: torch.Tensor | None) -> torch.Tensor:
+def _softmax_candidates(problems: Problems, errors: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
     """The voxels of each problem that can get a Lovasz weight: its foreground and every voxel whose error is at
     least the smallest foreground error; in a problem without foreground, the voxels at its largest error (the
     extension is then that error); none in a problem that is not ``counted``. NaN scores are kept, so they show."""
     probs, fg, first, per_image = problems.scores, problems.fg, problems.first, problems.per_image
     dims = -1 if per_image else (0, -1)
     if problems.labels is not None:
-        # a background voxel's error is p, a foreground one's 1 - p, smallest where p is largest, which the
-        # probability of each voxel's own class gives in one pass over the voxels (not the classes x voxels)
-        errors, is_fg = probs, fg
+        # a foreground voxel's error is 1 - p, smallest where p is largest, which the probability of each voxel's
+        # own class gives in one pass over the voxels (not the classes x voxels)
+        is_fg = fg
         own = probs.gather(1, problems.labels.unsqueeze(1)).squeeze(1)
         own = own if problems.valid is None else own.masked_fill(~problems.valid[:, 0], -torch.inf)
         largest = probs.new_full(problems.fg_total.shape, -torch.inf).scatter_reduce_(1, problems.labels, own, "amax")
         smallest_fg_error = 1 - (largest if per_image else largest.amax(0, keepdim=True)).unsqueeze(-1)
     else:
-        errors, is_fg = (fg - probs).abs(), fg > 0
+        is_fg = fg > 0
         smallest_fg_error = errors.masked_fill(~is_fg, torch.inf).amin(dims, keepdim=True)
     has_fg = (problems.fg_total if per_image else problems.fg_total.sum(0, keepdim=True)).unsqueeze(-1) > 0
     threshold = smallest_fg_error

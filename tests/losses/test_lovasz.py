@@ -251,10 +251,28 @@ def test_packed_key_sort_equals_two_stable_sorts(per_image, first):
     orders = []
     for dtype in (torch.float32, torch.float64):
         problems = lovasz.Problems(errors.to(dtype), fg, None, fg.sum(-1, dtype=torch.int32), None, first, per_image)
-        ordered = lovasz.sort_problems(problems, candidates, lambda values, _: values.clone())
+        ordered = lovasz.sort_problems(problems, errors.to(dtype), candidates)
         orders.append((ordered.positions, ordered.rows.long(), ordered.counts))
     for packed, fallback in zip(*orders):
         torch.testing.assert_close(packed, fallback, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_key_sort_in_parallel_parts_equals_one_sort(threads):
+    """Keys that split into parts without interleaving (a problem per image and class) are sorted part by part in
+    parallel: the result is numpy's sort of the whole."""
+    generator = torch.Generator().manual_seed(2)
+    sizes = [40_000, 0, 70_000, 25_000]
+    keys = torch.cat([torch.randint(0, 2**40, (n,), generator=generator) + (i << 41) for i, n in enumerate(sizes)])
+    splits = torch.tensor(sizes).cumsum(0).tolist()
+    expected = keys.sort().values
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lovasz._sort_keys(keys, splits)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(keys, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("per_image", [True, False])
@@ -349,9 +367,9 @@ class CountSorts(TorchDispatchMode):
     def __enter__(self):
         self._sort_keys = lovasz._sort_keys
 
-        def counted_sort(keys):
+        def counted_sort(keys, *args):
             self.sorts += keys.device.type == "cpu"  # elsewhere it is a torch sort, counted above
-            return self._sort_keys(keys)
+            return self._sort_keys(keys, *args)
 
         lovasz._sort_keys = counted_sort
         return super().__enter__()
