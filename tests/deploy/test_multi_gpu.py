@@ -201,3 +201,17 @@ def test_two_gloo_processes_train_one_model(tiny_phantom, tmp_path):
     assert single == pytest.approx(reported, abs=1e-6)
     printed = [float(v) for v in re.findall(r"val_mean_dice: ([0-9.]+)", output)]
     assert printed and printed[-1] == pytest.approx(single, abs=1e-4)
+
+    # the engines' log lines are printed once, by rank 0 (they used to come once per rank): one validation gives
+    # one new best validation metric, one per-organ table and one closing line naming the best model
+    def count(text):
+        return sum(text in line for line in output.splitlines())
+
+    assert count("Got new best metric of val_mean_dice") == 1, output[-4000:]
+    assert count("Got new best metric of train_mean_loss") == 1
+    assert count("SupervisedEvaluator - INFO - Engine run finished") == 1
+    assert count("SupervisedTrainer - INFO - Engine run finished") == 1
+    assert count("Current learning rate") == 1
+    assert count("per-organ scores over 3 images") == 1  # both ranks' shards, reduced
+    best = [line for line in output.splitlines() if "best model: " in line]
+    assert len(best) == 1 and f"best model: {checkpoint} (epoch 1, val_mean_dice " in best[0], best
