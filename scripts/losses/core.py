@@ -758,6 +758,15 @@ def safe_pow(base: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.where(positive, powered, base * 0)  # base * 0 keeps NaN (non-finite logits stay visible)
 
 
+def plain_tensor(value):
+    """A tensor subclass (MONAI's ``MetaTensor``, what a bundle's trainer passes) as a plain ``torch.Tensor`` view,
+    still in the autograd graph; anything else as it is. A ``MetaTensor`` derives metadata on every operation and
+    refuses some indexing of a batch whose images' metadata differ, which the losses need none of."""
+    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+        return value.as_subclass(torch.Tensor)
+    return value
+
+
 def _preset_path(loss_class: type) -> str:
     """``configs/losses/<registry name>.json`` of a loss class (the package's registry, read when needed)."""
     registry = importlib.import_module(__package__).LOSSES
@@ -818,8 +827,9 @@ class SegmentationLoss(torch.nn.Module):
 
         Returns:
             a scalar for ``"mean"``/``"sum"``, or the unreduced loss for ``"none"`` (shapes in each class'
-            docstring). Always float32 (float64 for float64 input).
+            docstring). Always float32 (float64 for float64 input), a plain ``torch.Tensor``.
         """
+        input, target = plain_tensor(input), plain_tensor(target)
         encoded = encode_target(input, target, self.to_onehot_y, self.ignore_index)
         # autocast would run the sums (bmm, einsum) in half precision: every loss is float32 by design
         with torch.autocast(input.device.type, enabled=False):

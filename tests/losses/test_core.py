@@ -3,15 +3,17 @@ per-class statistics (against monai.losses.utils.compute_tp_fp_fn), the fused me
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.losses.utils import compute_tp_fp_fn
 from monai.metrics.utils import create_ignore_mask
 
-from scripts.losses import core
+from scripts.losses import LOSSES, core, get_loss
 from scripts.losses.core import (
     LossInputError,
     activate,
@@ -410,3 +412,27 @@ def test_a_single_channel_target_may_hold_its_ignore_sentinel():
     assert torch.isfinite(loss)
     with pytest.raises(LossInputError, match="values in"):
         DiceLoss(sigmoid=True)(torch.zeros(1, 1, 1, 4), target)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_metatensor_batch_gives_the_plain_tensors_loss(name):
+    """A bundle's trainer passes MONAI MetaTensors whose images carry different metadata (slicing such a batch can
+    raise): every loss computes on plain tensors, with the same value and gradient."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 5, 4, generator=generator)
+    labels = torch.randint(0, 4, (2, 1, 6, 5, 4), generator=generator)
+    meta_logits = MetaTensor(logits.clone(), meta={"filename_or_obj": ["a.nii.gz", "b.nii.gz"]})
+    meta_labels = MetaTensor(labels.clone(), meta={"filename_or_obj": ["a.nii.gz", "b.nii.gz"]})
+    meta_logits.is_batch = meta_labels.is_batch = True
+    parameters = inspect.signature(LOSSES[name].__init__).parameters
+    kwargs = {key: True for key in ("to_onehot_y", "softmax", "use_softmax") if key in parameters}
+    loss = get_loss(name, **kwargs)
+    meta_logits.requires_grad_(True)
+    value = loss(meta_logits, meta_labels)
+    value.backward()
+    plain = logits.clone().requires_grad_(True)
+    expected = loss(plain, labels)
+    expected.backward()
+    assert type(value) is torch.Tensor
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.as_tensor(meta_logits.grad), plain.grad, rtol=0, atol=0)
