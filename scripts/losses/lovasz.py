@@ -326,11 +326,12 @@ def lovasz_softmax(problems: Problems, counted: torch.Tensor | None = None) -> t
     of each class' probabilities (``problems.scores``). A problem not ``counted`` (``(B, C')`` / ``(1, C')`` bool;
     None: all) is not sorted and gives 0, unless a NaN score shows there."""
     probs, fg = problems.scores, problems.fg
-    if fg.dtype == torch.bool:
-        errors, slopes = torch.where(fg, 1 - probs, probs), None
-    else:
-        flat = probs.view(-1)
-        errors, slopes = (fg - probs).abs(), lambda positions, fg: (flat.index_select(0, positions) - fg).sign_()
+    errors = torch.where(fg, 1 - probs, probs) if fg.dtype == torch.bool else (fg - probs).abs()
+
+    def soft_slopes(positions, fg):
+        return (probs.view(-1).index_select(0, positions) - fg).sign_()
+
+    slopes = None if fg.dtype == torch.bool else soft_slopes
     candidates = _keep(_softmax_candidates(problems, errors, counted), problems)
     return _LovaszExtension.apply(probs, problems, errors, candidates, slopes)
 
@@ -352,14 +353,12 @@ def _softmax_candidates(problems: Problems, errors: torch.Tensor, counted: torch
     if problems.labels is not None:
         # a foreground voxel's error is 1 - p, smallest where p is largest, which the probability of each voxel's
         # own class gives in one pass over the voxels (not the classes x voxels)
-        is_fg = fg
         own = probs.gather(1, problems.labels.unsqueeze(1)).squeeze(1)
         own = own if problems.valid is None else own.masked_fill(~problems.valid[:, 0], -torch.inf)
         largest = probs.new_full(problems.fg_total.shape, -torch.inf).scatter_reduce_(1, problems.labels, own, "amax")
         smallest_fg_error = 1 - (largest if per_image else largest.amax(0, keepdim=True)).unsqueeze(-1)
     else:
-        is_fg = fg > 0
-        smallest_fg_error = errors.masked_fill(~is_fg, torch.inf).amin(dims, keepdim=True)
+        smallest_fg_error = errors.masked_fill(fg <= 0, torch.inf).amin(dims, keepdim=True)
     has_fg = (problems.fg_total if per_image else problems.fg_total.sum(0, keepdim=True)).unsqueeze(-1) > 0
     threshold = smallest_fg_error
     without_fg = ~has_fg[:, first:] if counted is None else ~has_fg[:, first:] & counted.unsqueeze(-1)
@@ -368,7 +367,8 @@ def _softmax_candidates(problems: Problems, errors: torch.Tensor, counted: torch
         threshold = torch.where(has_fg, threshold, scored.amax(dims, keepdim=True))
     if counted is not None:  # a problem whose value is not used: no candidate
         threshold[:, first:].masked_fill_(~counted.unsqueeze(-1), torch.inf)
-    return torch.lt(errors, threshold).logical_not_().logical_or_(is_fg)
+    # a foreground voxel's error is at least its problem's smallest foreground error: no need to add the foreground
+    return torch.lt(errors, threshold).logical_not_()
 
 
 def _problems(scores: torch.Tensor, encoded: EncodedTarget, include_background: bool, per_image: bool) -> Problems:
