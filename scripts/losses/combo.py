@@ -107,8 +107,8 @@ class _ComboIndexSums(torch.autograd.Function):
     G_ce_y)``); a softmax's logits then get ``g - p sum(g)``. ``log(1 - p_k)`` is ``log1p(-p_k)``, exact unless
     ``p_k`` is close to 1, which only the most probable class ``d`` of a voxel can be, and which only counts where
     ``d`` is not the voxel's class (its own class is left out of the negatives): on those voxels alone, ``log(1 -
-    p_d)`` is the log of the other classes' sum, from the logits in log space (finite for any finite logits), and
-    its gradient ``-a_d p_k / (1 - p_d)`` moves to the other classes.
+    p_d)`` is the log of the other classes' sum (from the logits in log space where they underflow: finite for any
+    finite logits), and its gradient ``-a_d p_k / (1 - p_d)`` moves to the other classes.
     """
 
     @staticmethod
@@ -169,7 +169,7 @@ class _ComboIndexSums(torch.autograd.Function):
                 torch.div(probs, grad, out=grad).mul_(negative).addcmul_(probs, volume)
                 grad.scatter_(1, index, own * own_slope - own_constant)
                 if ctx.wrong is not None:
-                    _move_dominant_term(grad, probs, logits, negative, volume, ctx.wrong)
+                    _move_dominant_term(grad, probs, negative, volume, ctx.wrong)
             else:
                 grad = torch.rsub(probs, 1).mul_(probs).mul_(volume).addcmul_(probs, negative)
                 own_missed = torch.sigmoid(-logits.gather(1, index).to(probs.dtype))
@@ -183,7 +183,7 @@ class _ComboIndexSums(torch.autograd.Function):
 
 class _Wrong(NamedTuple):
     """Voxels whose most probable class ``d`` (p > 1/2) is not their own: ``(b, n)`` and ``d`` of each, and the
-    share ``p_k / (1 - p_d)`` of every other class ``(S, C)`` (0 at ``d``), from the logits in log space."""
+    share ``p_k / (1 - p_d)`` of every other class ``(S, C)`` (0 at ``d``)."""
 
     images: torch.Tensor
     voxels: torch.Tensor
@@ -191,32 +191,48 @@ class _Wrong(NamedTuple):
     shares: torch.Tensor
 
 
+# below this sum of the other classes' probabilities some of them may have underflowed: those voxels take it from
+# the logits in log space instead (logits more than ~60 apart, rare)
+_TINY_REST = 1e-30
+
+
 def _confidently_wrong(probs, own, logits, log_others) -> _Wrong | None:
     """Find the voxels whose most probable class has p > 1/2 and is not theirs, and write that class' exact
-    ``log(1 - p_d) = logsumexp_{k != d} x_k - logsumexp x`` into ``log_others`` there. Masked voxels (p = 0) are
-    never among them."""
+    ``log(1 - p_d)`` into ``log_others`` there: the log of the other classes' sum (a sum of positive terms, no
+    cancellation). Few operations on few voxels (each operation costs a thread synchronisation on a busy machine).
+    Masked voxels (p = 0) are never among them."""
     top = probs.amax(1, keepdim=True)
     images, _, voxels = ((top > 0.5) & (own < top)).nonzero(as_tuple=True)
     if images.numel() == 0:
         return None
-    columns = logits[images, :, voxels].to(probs.dtype)  # (S, C): few voxels in a confident prediction
-    dominant = columns.argmax(1, keepdim=True)
+    others = probs.permute(0, 2, 1)[images, voxels]  # (S, C)
+    dominant = others.argmax(1, keepdim=True)
+    rest = others.scatter_(1, dominant, 0.0).sum(1, keepdim=True)
+    shares, log_rest = others.div_(rest), rest.log()
+    tiny = rest < _TINY_REST
+    if bool(tiny.any()):
+        columns = logits.permute(0, 2, 1)[images, voxels].to(probs.dtype)
+        exact_shares, exact_log_rest = _rest_in_log_space(columns, dominant)
+        shares, log_rest = torch.where(tiny, exact_shares, shares), torch.where(tiny, exact_log_rest, log_rest)
+    log_others[images, dominant.squeeze(1), voxels] = log_rest.squeeze(1)
+    return _Wrong(images, voxels, dominant.squeeze(1), shares)
+
+
+def _rest_in_log_space(columns: torch.Tensor, dominant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p_k / (1 - p_d)`` and ``log(1 - p_d)`` from voxels' logits ``(S, C)``: ``logsumexp_{k != d} x_k`` less
+    ``logsumexp x``, finite for any finite logits."""
     others = columns.scatter(1, dominant, -torch.inf)
-    rest = others.logsumexp(1, keepdim=True)
-    log_others[images, dominant.squeeze(1), voxels] = (rest - columns.logsumexp(1, keepdim=True)).squeeze(1)
-    return _Wrong(images, voxels, dominant, (others - rest).exp_())
+    log_rest = others.logsumexp(1, keepdim=True)
+    return (others - log_rest).exp_(), log_rest - columns.logsumexp(1, keepdim=True)
 
 
-def _move_dominant_term(grad, probs, logits, negative, volume, wrong: _Wrong) -> None:
+def _move_dominant_term(grad, probs, negative, volume, wrong: _Wrong) -> None:
     """On the confidently wrong voxels, replace the dominant class' ``a_d p_d / (1 - p_d)`` (which ``1 - p_d``
     rounds away from) by the exact gradient of ``a_d log(1 - p_d)``: ``-a_d p_k / (1 - p_d)`` on every other class."""
-    images, voxels, dominant = wrong.images, wrong.voxels, wrong.dominant.squeeze(1)
-    rows = grad[images, :, voxels]  # (S, C)
-    dominant_negative = negative.squeeze(-1)[images, dominant].unsqueeze(1)
-    rows.addcmul_(wrong.shares, dominant_negative, value=-1)
-    dominant_volume = probs[images, dominant, voxels] * volume.squeeze(-1)[images, dominant]
-    rows.scatter_(1, wrong.dominant, dominant_volume.unsqueeze(1))
-    grad[images, :, voxels] = rows
+    images, voxels, dominant = wrong.images, wrong.voxels, wrong.dominant
+    moved = wrong.shares * negative.squeeze(-1)[images, dominant].unsqueeze(1)
+    grad.permute(0, 2, 1).index_put_((images, voxels), moved.neg_(), accumulate=True)
+    grad[images, dominant, voxels] = probs[images, dominant, voxels] * volume.squeeze(-1)[images, dominant]
 
 
 def combo_sums(
