@@ -121,7 +121,8 @@ class _ComboIndexSums(torch.autograd.Function):
             probs.exp_()
             probs = probs if weight is None else probs.mul_(weight)  # masked p: 0, so log(1 - p) is 0 there too
             log_others = torch.neg(probs).log1p_()
-            wrong = _confidently_wrong(probs, log_own.exp(), logits, log_others)
+            own = log_own.exp() if weight is None else log_own.exp().mul_(weight)
+            wrong = _confidently_wrong(probs, own, logits, log_others)
             confusion = class_sums(probs, labels, probs.shape[1])
             missed = None
         else:
@@ -133,21 +134,22 @@ class _ComboIndexSums(torch.autograd.Function):
                 probs.mul_(weight)
                 log_others.masked_fill_(weight == 0, 0.0)
                 missed.mul_(weight)
-            confusion, wrong = class_sums(probs, labels, probs.shape[1]), None
+            confusion, wrong, own = class_sums(probs, labels, probs.shape[1]), None, probs.gather(1, index)
         if weight is not None:
             log_own = log_own.masked_fill(weight == 0, 0.0)
         # each statistic a sum of its own terms (the own class apart): exact in float32 for a confident prediction
         fp, fn = off_diagonal_sums(confusion)
         if missed is not None:
             fn = class_sums(missed.squeeze(1), labels, probs.shape[1])
-        log_others = class_sums(log_others, labels, probs.shape[1])
-        negatives = off_diagonal_sums(log_others)[0]  # the own class left out
-        if not softmax:  # an infinite logit of the own class shows only there (a softmax turns it into NaN anyway)
-            negatives = negatives + log_others.diagonal(dim1=1, dim2=2) * 0
+        # the own class left out of the negatives (not subtracted: its log(1 - p) may be -inf); times 0 for a
+        # sigmoid, where an infinite logit of the own class shows only there (a softmax turns it into NaN anyway)
+        log_others.scatter_(1, index, log_others.gather(1, index) * 0 if not softmax else 0.0)
+        negatives = log_others.sum(-1)  # masked voxels hold 0
         positives = class_sums(log_own.squeeze(1), labels, probs.shape[1])
         cross_entropy = -(beta * positives + (1 - beta) * negatives)
         ctx.save_for_backward(logits, labels, mask)
-        ctx.probs = probs if ctx.needs_input_grad[0] else None
+        # kept for the backward: the probabilities, and log(1 - p)'s memory for the gradient (no new full-size tensor)
+        ctx.probs, ctx.own, ctx.work = (probs, own, log_others) if ctx.needs_input_grad[0] else (None, None, None)
         ctx.softmax, ctx.beta, ctx.wrong = softmax, beta, wrong
         return torch.stack((fp, confusion.diagonal(dim1=1, dim2=2), fn, cross_entropy))
 
@@ -155,23 +157,24 @@ class _ComboIndexSums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         logits, labels, mask = ctx.saved_tensors
-        probs = ctx.probs
+        probs, own = ctx.probs, ctx.own
+        work = ctx.work if ctx.work is not None else torch.empty_like(probs)
+        ctx.work = None  # the forward's spare buffer serves once; a second backward (gradcheck) takes a new one
         with torch.autocast(logits.device.type, enabled=False):
             grad_fp, grad_tp, grad_fn, grad_ce = grad_sums.to(probs.dtype).unsqueeze(-1)
             volume, negative = grad_fp, (1 - ctx.beta) * grad_ce
             index = labels.unsqueeze(1)
-            own = probs.gather(1, index)
             # the own class' coefficients of p_y and of the constant, per voxel
             own_slope = (grad_tp - grad_fn).expand_as(probs).gather(1, index)  # dL/dp_y = v_y + t_y
             own_constant = (ctx.beta * grad_ce).expand_as(probs).gather(1, index)
             if ctx.softmax:
-                grad = torch.rsub(probs, 1)
+                grad = torch.mul(probs, -1, out=work).add_(1)
                 torch.div(probs, grad, out=grad).mul_(negative).addcmul_(probs, volume)
                 grad.scatter_(1, index, own * own_slope - own_constant)
                 if ctx.wrong is not None:
                     _move_dominant_term(grad, probs, negative, volume, ctx.wrong)
             else:
-                grad = torch.rsub(probs, 1).mul_(probs).mul_(volume).addcmul_(probs, negative)
+                grad = torch.mul(probs, -1, out=work).add_(1).mul_(probs).mul_(volume).addcmul_(probs, negative)
                 own_missed = torch.sigmoid(-logits.gather(1, index).to(probs.dtype))
                 grad.scatter_(1, index, own_missed * (own * own_slope - own_constant))
             if mask is not None:
