@@ -105,10 +105,10 @@ class _ComboIndexSums(torch.autograd.Function):
 
     (a sigmoid's ``g`` is taken w.r.t. the logit: ``p (1 - p) v + p a``, and ``(1 - p_y)(p_y (v_y + t_y) - beta
     G_ce_y)``); a softmax's logits then get ``g - p sum(g)``. ``log(1 - p_k)`` is ``log1p(-p_k)``, exact unless
-    ``p_k`` is close to 1, which only the most probable class ``d`` of a voxel can be, and which only counts where
-    ``d`` is not the voxel's class (its own class is left out of the negatives): on those voxels alone, ``log(1 -
-    p_d)`` is the log of the other classes' sum (from the logits in log space where they underflow: finite for any
-    finite logits), and its gradient ``-a_d p_k / (1 - p_d)`` moves to the other classes.
+    ``p_k`` is close to 1 (above 15/16), which only the most probable class ``d`` of a voxel can be, and which only
+    counts where ``d`` is not the voxel's class (its own class is left out of the negatives): on those voxels alone,
+    ``log(1 - p_d)`` is the log of the other classes' sum (from the logits in log space where they underflow: finite
+    for any finite logits), and its gradient ``-a_d p_k / (1 - p_d)`` moves to the other classes.
     """
 
     @staticmethod
@@ -168,13 +168,13 @@ class _ComboIndexSums(torch.autograd.Function):
             own_slope = (grad_tp - grad_fn).expand_as(probs).gather(1, index)  # dL/dp_y = v_y + t_y
             own_constant = (ctx.beta * grad_ce).expand_as(probs).gather(1, index)
             if ctx.softmax:
-                grad = torch.mul(probs, -1, out=work).add_(1)
+                grad = torch.sub(probs.new_ones(()), probs, out=work)  # 1 - p, in one pass
                 torch.div(probs, grad, out=grad).mul_(negative).addcmul_(probs, volume)
                 grad.scatter_(1, index, own * own_slope - own_constant)
                 if ctx.wrong is not None:
                     _move_dominant_term(grad, probs, negative, volume, ctx.wrong)
             else:
-                grad = torch.mul(probs, -1, out=work).add_(1).mul_(probs).mul_(volume).addcmul_(probs, negative)
+                grad = torch.sub(probs.new_ones(()), probs, out=work).mul_(probs).mul_(volume).addcmul_(probs, negative)
                 own_missed = torch.sigmoid(-logits.gather(1, index).to(probs.dtype))
                 grad.scatter_(1, index, own_missed * (own * own_slope - own_constant))
             if mask is not None:
@@ -185,7 +185,7 @@ class _ComboIndexSums(torch.autograd.Function):
 
 
 class _Wrong(NamedTuple):
-    """Voxels whose most probable class ``d`` (p > 1/2) is not their own: ``(b, n)`` and ``d`` of each, and the
+    """Voxels whose most probable class ``d`` (p > 15/16) is not their own: ``(b, n)`` and ``d`` of each, and the
     share ``p_k / (1 - p_d)`` of every other class ``(S, C)`` (0 at ``d``)."""
 
     images: torch.Tensor
@@ -194,18 +194,22 @@ class _Wrong(NamedTuple):
     shares: torch.Tensor
 
 
+# above this probability 1 - p loses more than 8 float32 roundings of p (p/(1 - p) of them, halved), so log1p(-p)
+# and p/(1 - p) are taken from the other classes' sum instead; only a voxel's most probable class can be above it
+_NEAR_ONE = 15 / 16
+
 # below this sum of the other classes' probabilities some of them may have underflowed: those voxels take it from
 # the logits in log space instead (logits more than ~60 apart, rare)
 _TINY_REST = 1e-30
 
 
 def _confidently_wrong(probs, own, logits, log_others) -> _Wrong | None:
-    """Find the voxels whose most probable class has p > 1/2 and is not theirs, and write that class' exact
+    """Find the voxels whose most probable class has p > 15/16 and is not theirs, and write that class' exact
     ``log(1 - p_d)`` into ``log_others`` there: the log of the other classes' sum (a sum of positive terms, no
     cancellation). Few operations on few voxels (each operation costs a thread synchronisation on a busy machine).
     Masked voxels (p = 0) are never among them."""
     top = probs.amax(1, keepdim=True)
-    images, _, voxels = ((top > 0.5) & (own < top)).nonzero(as_tuple=True)
+    images, _, voxels = ((top > _NEAR_ONE) & (own < top)).nonzero(as_tuple=True)
     if images.numel() == 0:
         return None
     others = probs.permute(0, 2, 1)[images, voxels]  # (S, C)
