@@ -9,7 +9,7 @@ Usage::
 Each subcommand owns one ``## <Name>`` section of the markdown file and replaces only its own block in it (one
 block per device), so sections written by other subcommands or by hand are kept.
 
-``losses``: forward + backward of every loss in ``scripts.losses.LOSSES`` and of its anchor, in the same
+``losses``: forward + backward of every loss in ``ctlosses.LOSSES`` and of its anchor, in the same
 process on the same inputs (``to_onehot_y=True`` with ``B1H[WD]`` labels; softmax where the loss has the
 switch, given to both sides only if both accept it):
 
@@ -25,7 +25,7 @@ logits' size: on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the 
 ``torch.profiler`` (``profile_memory=True``: every allocation and free of PyTorch's CPU allocator, in order),
 measured in a separate, untimed run.
 
-``metrics``: one update of ``scripts.organ_metrics.OrganCounts`` (per-organ Dice, IoU, precision and recall from
+``metrics``: one update of ``ctlosses.organ_metrics.OrganCounts`` (per-organ Dice, IoU, precision and recall from
 one accumulation) against MONAI's ``DiceMetric`` and ``MeanIoU`` called on the same prediction and label, on a
 ``1 x C x spatial`` one-hot prediction (as after ``AsDiscreted(argmax=True, to_onehot=C)``) with a one-hot label
 and with a class-index label (MONAI's ``MeanIoU`` then gets the one-hot copy it requires, as in a real config).
@@ -243,7 +243,7 @@ def lovasz_anchor(kind: str, per_image: bool) -> LossFn:
 
 def loss_cases(only: list[str] | None) -> tuple[list[Case], list[str]]:
     """A case for each loss in the registry (aliases once), and notes on what was left out."""
-    from scripts.losses import LOSSES
+    from ctlosses import LOSSES
 
     unknown = sorted(set(only or ()) - set(LOSSES))
     if unknown:
@@ -388,7 +388,7 @@ def metric_update_seconds(
     from monai.metrics import DiceMetric, MeanIoU
     from monai.networks.utils import one_hot
 
-    from scripts.organ_metrics import OrganCounts
+    from ctlosses.organ_metrics import OrganCounts
 
     num_classes, spatial = shape[1], shape[2:]
     generator = torch.Generator().manual_seed(seed)
@@ -749,7 +749,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-MEASURED_SOURCES = ("scripts/losses", "tests/losses/lovasz_reference.py", "scripts/organ_metrics.py")
+MEASURED_SOURCES = ("ctlosses", "tests/losses/lovasz_reference.py", "ctlosses/organ_metrics.py")
 
 
 def source_version(paths: tuple[str, ...] = MEASURED_SOURCES) -> str:
@@ -815,7 +815,7 @@ def write_block(path: Path, section: str, block_id: str, body: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    losses = commands.add_parser("losses", help="each loss in scripts.losses against its anchor")
+    losses = commands.add_parser("losses", help="each loss in ctlosses against its anchor")
     losses.add_argument("--shape", default="2,14,64,64,64", help="logits shape B,C,H,W[,D] (default: %(default)s)")
     losses.add_argument("--only", nargs="+", metavar="NAME", help="registry names to run (default: all)")
     losses.set_defaults(run=run_losses, section="Losses")

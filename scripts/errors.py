@@ -27,8 +27,8 @@ class BundleError(Exception):
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [BundleError]
-    try:  # the loss constructors' and forwards' input errors (scripts.losses belongs to the loss library)
-        from scripts.losses.core import LossInputError
+    try:  # the loss constructors' and forwards' input errors (ctlosses belongs to the loss library)
+        from ctlosses.core import LossInputError
 
         types.append(LossInputError)
     except ImportError:

@@ -8,7 +8,8 @@ with ``configs/evaluate.json``, in a fresh child process so that its peak memory
 
 Outputs under ``--out``: ``results.csv`` and ``results.md`` (mean and spread over seeds), ``commands.md``, and,
 when matplotlib is importable, ``val_dice_curves.png``, ``organ_dice_heatmap.png``, ``small_organ_dice.png``
-(the headline: small-organ and mean Dice per loss) and ``axial_slices.png``.
+(the headline: small-organ and mean Dice per loss), ``axial_slices.png`` and, for runs that recorded it,
+``small_organ_dice_curves.png`` (small-organ Dice against iterations, a band over seeds).
 """
 
 from __future__ import annotations
@@ -118,11 +119,17 @@ def run_single(
     workflow = _workflow(files, settings)
     trainer, evaluator = workflow.trainer, workflow.evaluator
     curve: list[tuple[int, float]] = []
+    small_organ_curve: list[tuple[int, float]] = []
+    organ_counts = workflow.parser.get_parsed_content("validate#organ_counts")
     timing = {"validation_s": 0.0}
 
     def record_validation(engine):
         # the evaluator's own key metric (validate#key_metric in train.json), whatever the config names it
-        curve.append((trainer.state.iteration, float(engine.state.metrics[engine.state.key_metric_name])))
+        name = engine.state.key_metric_name
+        curve.append((trainer.state.iteration, float(engine.state.metrics[name])))
+        organs = dict(zip(organ_counts.organ_names, organ_counts.organ_keys))
+        per_organ = {o: float(engine.state.metrics.get(f"{name}/{k}", math.nan)) for o, k in organs.items()}
+        small_organ_curve.append((trainer.state.iteration, small_organ_dice(per_organ)))
         timing["validation_s"] += time.perf_counter() - timing.pop("val_start")
 
     evaluator.add_event_handler(Events.STARTED, lambda _: timing.__setitem__("val_start", time.perf_counter()))
@@ -172,6 +179,7 @@ def run_single(
         "peak_memory_mb": peak_mb,
         "memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_maxrss",
         "curve": curve,
+        "small_organ_curve": small_organ_curve,
         "dice": {o: float(r["dice"]) for o, r in rows.items() if o != "mean"},
         "iou": {o: float(r["iou"]) for o, r in rows.items() if o != "mean"},
         "mean_dice": float(rows["mean"]["dice"]),
@@ -324,6 +332,33 @@ def _headline_chart(path: Path, table: list[dict], dataset_name: str, plt, np) -
     plt.close(fig)
 
 
+def _small_organ_curves(path: Path, results: dict[str, list[dict]], plt, np) -> None:
+    """Small-organ Dice against iterations: per loss the mean over seeds, and a band from the lowest to the highest
+    seed, so that a loss that wins early and one that wins for good look different."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (loss, runs) in enumerate(results.items()):
+        its = sorted({it for run in runs for it, _ in run["small_organ_curve"]})
+        # seeds validated at the same iterations; an iteration some seed lacks is left out of the band
+        values = [dict(run["small_organ_curve"]) for run in runs]
+        shared = [it for it in its if all(it in v for v in values)]
+        grid = np.array([[v[it] for it in shared] for v in values])
+        colour = f"C{index}"
+        ax.plot(shared, grid.mean(axis=0), color=colour, label=f"{loss} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(shared, grid.min(axis=0), grid.max(axis=0), color=colour, alpha=0.2, linewidth=0)
+    ax.set(
+        xlabel="iteration",
+        ylabel="validation small-organ Dice",
+        ylim=(0, 1),
+        title="Small-organ Dice per loss: mean over seeds, band from the lowest to the highest seed",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], dataset_dir: Path) -> list[Path]:
     """The four PNGs of ``PLOTS``; imports matplotlib lazily so that the tables need nothing beyond the bundle."""
     import matplotlib
@@ -344,6 +379,9 @@ def write_plots(out: Path, results: dict[str, list[dict]], table: list[dict], da
     fig.tight_layout()
     fig.savefig(out / "val_dice_curves.png", dpi=120)
     plt.close(fig)
+
+    if all(run.get("small_organ_curve") for runs in results.values() for run in runs):
+        _small_organ_curves(out / "small_organ_dice_curves.png", results, plt, np)
 
     organs = list(next(iter(results.values()))[0]["dice"])
     grid = np.array([[row[f"dice_{o}"][0] for o in organs] for row in table])

@@ -497,11 +497,11 @@ def check_loss_target(target: str) -> str:
     """Check that a loss ``_target_`` string names an importable callable before anything is built.
 
     Raises:
-        ConfigValueError: naming the target and, for ``scripts.losses``, the losses it has.
+        ConfigValueError: naming the target and, for ``ctlosses``, the losses it has.
     """
     if not isinstance(target, str) or not target:
         raise ConfigValueError(
-            f"the config's loss#_target_ must be a dotted name such as scripts.losses.DiceCELoss, got {target!r}."
+            f"the config's loss#_target_ must be a dotted name such as ctlosses.DiceCELoss, got {target!r}."
         )
     module_name, _, attribute = target.rpartition(".")
     if module_name:
@@ -509,10 +509,10 @@ def check_loss_target(target: str) -> str:
     else:  # a bare name such as "DiceCELoss" is looked up among MONAI's components, as the config parser does
         found = ComponentLocator().get_component_module_name(target) is not None
     if not found:
-        from scripts import losses
+        import ctlosses as losses
 
         known = ", ".join(
-            f"scripts.losses.{cls.__name__}" for cls in sorted(set(losses.LOSSES.values()), key=lambda c: c.__name__)
+            f"ctlosses.{cls.__name__}" for cls in sorted(set(losses.LOSSES.values()), key=lambda c: c.__name__)
         )
         raise ConfigValueError(
             f"unknown loss {target!r} in the config's loss#_target_; the losses of this bundle are: {known}."

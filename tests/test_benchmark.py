@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ctlosses import LOSSES
 from scripts.benchmark import Case, Comparison, loss_cases, peak_extra_bytes, write_block
-from scripts.losses import LOSSES
 
 
 def test_write_block_replaces_only_its_own_block(tmp_path):

@@ -68,7 +68,7 @@ def bundle_copy(out_dir: Path) -> Path:
     import shutil
 
     copy = out_dir / "bundle"
-    for part in ("configs", "scripts", "models"):
+    for part in ("configs", "ctlosses", "scripts", "models"):
         shutil.copytree(BUNDLE_ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.pt.tmp"))
     (copy / "configs" / "tiny.json").write_text(json.dumps(TINY))
     return copy

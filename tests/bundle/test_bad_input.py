@@ -137,8 +137,8 @@ def test_bad_value_names_the_key(bundle, phantom, key, typed, expected):
 
 
 def test_unknown_loss_is_one_message(bundle, phantom):
-    result = run_bundle(bundle, "--dataset_dir", str(phantom), "--loss#_target_", "scripts.losses.NoSuchLoss")
-    assert_one_message(result, "unknown loss 'scripts.losses.NoSuchLoss'", "scripts.losses.DiceCELoss")
+    result = run_bundle(bundle, "--dataset_dir", str(phantom), "--loss#_target_", "ctlosses.NoSuchLoss")
+    assert_one_message(result, "unknown loss 'ctlosses.NoSuchLoss'", "ctlosses.DiceCELoss")
 
 
 @pytest.mark.parametrize(
@@ -146,7 +146,7 @@ def test_unknown_loss_is_one_message(bundle, phantom):
     [
         (("--loss#ignore_index", "abc"), ("ignore_index", "'abc'")),
         (
-            ("--loss#_target_", "scripts.losses.FocalLoss"),
+            ("--loss#_target_", "ctlosses.FocalLoss"),
             ("FocalLoss does not take softmax", "configs/losses/focal.json"),
         ),
     ],
@@ -394,8 +394,7 @@ def test_stale_checkpoint_of_another_run(bundle, phantom):
     )
     assert "train without --resume" in last
     assert (
-        "checkpoint_epoch=1.pt: differs in loss ('scripts.losses.DiceLoss' there, 'scripts.losses.DiceCELoss' now)"
-        in result[1][-2]
+        "checkpoint_epoch=1.pt: differs in loss ('ctlosses.DiceLoss' there, 'ctlosses.DiceCELoss' now)" in result[1][-2]
     )
     assert digest(bundle / "models" / "model.pt") == model
     # the same checkpoint with its own run's settings fits, but has trained its epoch already

@@ -59,7 +59,7 @@ def test_train_with_evaluate_and_presets_resolve_every_reference():
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / extra)])
         parser.parse()  # raises on a dangling @reference or %macro
-        assert parser.get("loss#_target_").startswith("scripts.losses.")
+        assert parser.get("loss#_target_").startswith("ctlosses.")
 
 
 def test_model_zoo_ids_present():
@@ -82,7 +82,7 @@ def test_model_zoo_ids_present():
         assert key in train, key
     assert {"trainer", "dataset", "dataloader", "inferer", "handlers", "preprocessing"} <= set(train["train"])
     assert {"evaluator", "dataset", "inferer", "handlers", "key_metric", "postprocessing"} <= set(train["validate"])
-    assert train["loss"] == {"_target_": "scripts.losses.DiceCELoss", "to_onehot_y": True, "softmax": True}
+    assert train["loss"] == {"_target_": "ctlosses.DiceCELoss", "to_onehot_y": True, "softmax": True}
     inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
     assert inference["network_def"] == train["network_def"]  # the shipped weights load in both
 
@@ -109,7 +109,7 @@ def test_presets_only_set_the_loss():
     for preset in (CONFIGS / "losses").glob("*.json"):
         content = json.loads(preset.read_text())
         assert list(content) == ["loss"], preset.name
-        assert content["loss"]["_target_"].startswith("scripts.losses."), preset.name
+        assert content["loss"]["_target_"].startswith("ctlosses."), preset.name
 
 
 @pytest.mark.parametrize("extra", [[], ["evaluate.json"]])

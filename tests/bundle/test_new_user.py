@@ -54,7 +54,7 @@ def stats_lines(lines):
 def test_every_validation_prints_a_per_organ_table_in_label_order(training):
     _, lines = training
     found = tables(lines)
-    assert [title.split("scripts.organ_metrics - INFO - ")[-1].split(":")[0] for title, *_ in found] == [
+    assert [title.split("ctlosses.organ_metrics - INFO - ")[-1].split(":")[0] for title, *_ in found] == [
         "epoch 1",
         "epoch 2",
     ]

@@ -12,7 +12,7 @@ import torch
 from bundle_helpers import BUNDLE_ROOT, CONFIGS, TINY, make_tiny_phantom, run_training, train_workflow
 from monai.bundle import ConfigWorkflow
 
-from scripts.losses import LOSSES
+from ctlosses import LOSSES
 from scripts.training import NonFiniteLossError, latest_checkpoint
 
 PRESETS = sorted(p.stem for p in (CONFIGS / "losses").glob("*.json"))
@@ -121,9 +121,9 @@ def test_nan_loss_stops_naming_iteration_and_checkpoint(phantom, tmp_path):
 
 def test_unknown_loss_is_named_before_training(phantom, tmp_path):
     with pytest.raises(Exception) as info:
-        train_workflow(["train.json"], phantom, tmp_path, **{"loss#_target_": "scripts.losses.NoSuchLoss"})
+        train_workflow(["train.json"], phantom, tmp_path, **{"loss#_target_": "ctlosses.NoSuchLoss"})
     message = _chain(info.value)
-    assert "unknown loss 'scripts.losses.NoSuchLoss'" in message and "scripts.losses.LovaszSoftmaxLoss" in message
+    assert "unknown loss 'ctlosses.NoSuchLoss'" in message and "ctlosses.LovaszSoftmaxLoss" in message
 
 
 def test_unknown_preset_is_named(phantom, tmp_path):

@@ -60,7 +60,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 def copy_bundle(folder: Path) -> Path:
     """A copy of the bundle as a MONAI Label app would hold it (`--conf models <name>`)."""
     copy = folder / "ct_organ_segmentation"
-    for part in ("configs", "scripts", "models"):
+    for part in ("configs", "ctlosses", "scripts", "models"):
         shutil.copytree(BUNDLE_ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
     assert (copy / "models" / "model.pt").is_file(), "the bundle ships no models/model.pt"
     return copy

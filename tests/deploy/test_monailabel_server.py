@@ -210,7 +210,7 @@ def layout(tiny_phantom, tmp_path_factory) -> Layout:
     app = root / "apps" / "monaibundle"
     shutil.copytree(sample_app, app, ignore=shutil.ignore_patterns("logs", "model", "__pycache__"))
     bundle = app / "model" / MODEL
-    for part in ("configs", "scripts", "models"):
+    for part in ("configs", "ctlosses", "scripts", "models"):
         shutil.copytree(BUNDLE_ROOT / part, bundle / part, ignore=shutil.ignore_patterns("__pycache__", "model.*.pt"))
     assert (bundle / "models" / "model.pt").is_file(), "the bundle ships no models/model.pt"
 

@@ -101,7 +101,7 @@ def test_backend_on_this_machine(monkeypatch):
 
 def copy_of_bundle(destination: Path) -> Path:
     """The bundle's configs and scripts in `destination`, the `bundle_root` of a run that writes nothing here."""
-    for part in ("configs", "scripts"):
+    for part in ("configs", "ctlosses", "scripts"):
         shutil.copytree(BUNDLE_ROOT / part, destination / part, ignore=shutil.ignore_patterns("__pycache__"))
     return destination
 

@@ -1,4 +1,4 @@
-"""Counts and scores of scripts.organ_metrics: differential against MONAI, hand-built cases, bad input, names."""
+"""Counts and scores of ctlosses.organ_metrics: differential against MONAI, hand-built cases, bad input, names."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from ignite.exceptions import NotComputableError
 from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 
-from scripts.organ_metrics import OrganCounts, overlap_counts, overlap_scores, read_organ_names, reduce_scores
+from ctlosses.organ_metrics import OrganCounts, overlap_counts, overlap_scores, read_organ_names, reduce_scores
 
 
 def random_labels(seed, batch, num_classes, spatial, dropped=()):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from scripts.organ_metrics import OVERLAP_METRICS, OrganCounts, OrganMetricsWriter
+from ctlosses.organ_metrics import OVERLAP_METRICS, OrganCounts, OrganMetricsWriter
 
 NUM_CLASSES = 4
 SHARES = ([0, 1, 2], [3, 4])  # uneven on purpose: averaging the ranks' means would be wrong

@@ -1,4 +1,4 @@
-"""scripts.organ_metrics attached to a tiny MONAI SupervisedEvaluator, and built from the bundle's config snippet."""
+"""ctlosses.organ_metrics attached to a tiny MONAI SupervisedEvaluator, and built from the bundle's config snippet."""
 
 import csv
 import json
@@ -13,7 +13,7 @@ from monai.handlers import MeanDice, MeanIoUHandler, StatsHandler, TensorBoardSt
 from monai.transforms import AsDiscreted
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scripts.organ_metrics import OrganCounts, OrganMetric, OrganMetricsWriter
+from ctlosses.organ_metrics import OrganCounts, OrganMetric, OrganMetricsWriter
 
 ORGANS = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney", "4": "gallbladder"}
 NUM_CLASSES = len(ORGANS)
@@ -76,7 +76,7 @@ def test_evaluator_reports_monai_values_per_organ_from_one_pass(metadata_path, t
     writer = OrganMetricsWriter(counts, output_dir=tmp_path / "eval")
     tensorboard = TensorBoardStatsHandler(log_dir=str(tmp_path / "tb"), iteration_log=False)
     evaluator = make_evaluator(counts, [writer, StatsHandler(iteration_log=False), tensorboard])
-    with caplog.at_level(logging.INFO, logger="scripts.organ_metrics"):
+    with caplog.at_level(logging.INFO, logger="ctlosses.organ_metrics"):
         evaluator.run()
     metrics = evaluator.state.metrics
 
@@ -92,7 +92,7 @@ def test_evaluator_reports_monai_values_per_organ_from_one_pass(metadata_path, t
     assert evaluator.state.metric_details["val_mean_dice"].shape == (NUM_IMAGES, NUM_CLASSES - 1)
 
     # console: the table names every organ
-    table = "\n".join(r.getMessage() for r in caplog.records if r.name == "scripts.organ_metrics")
+    table = "\n".join(r.getMessage() for r in caplog.records if r.name == "ctlosses.organ_metrics")
     for organ in ("spleen", "right kidney", "left kidney", "gallbladder", "mean"):
         assert organ in table
 
@@ -134,22 +134,22 @@ CONFIG_SNIPPET = """
 {
   "validate": {
     "organ_counts": {
-      "_target_": "scripts.organ_metrics.OrganCounts",
+      "_target_": "ctlosses.organ_metrics.OrganCounts",
       "labels": "$@bundle_root + '/configs/metadata.json'",
       "num_classes": "@num_classes",
       "include_background": false,
       "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"
     },
     "key_metric": {
-      "val_mean_dice": {"_target_": "scripts.organ_metrics.OrganMetric", "counts": "@validate#organ_counts",
+      "val_mean_dice": {"_target_": "ctlosses.organ_metrics.OrganMetric", "counts": "@validate#organ_counts",
                         "metric": "dice"}
     },
     "additional_metrics": {
-      "val_mean_iou": {"_target_": "scripts.organ_metrics.OrganMetric", "counts": "@validate#organ_counts",
+      "val_mean_iou": {"_target_": "ctlosses.organ_metrics.OrganMetric", "counts": "@validate#organ_counts",
                        "metric": "iou"}
     },
     "handlers": [
-      {"_target_": "scripts.organ_metrics.OrganMetricsWriter", "counts": "@validate#organ_counts",
+      {"_target_": "ctlosses.organ_metrics.OrganMetricsWriter", "counts": "@validate#organ_counts",
        "output_dir": "@output_dir"}
     ]
   }

@@ -7,7 +7,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.organ_metrics import OrganCounts, OrganMetricsWriter, log_mean_metrics
+from ctlosses.organ_metrics import OrganCounts, OrganMetricsWriter, log_mean_metrics
 from scripts.training import BestModelReport, BestModelSaver, RankZeroLogs
 
 
@@ -90,7 +90,7 @@ def test_table_title_names_the_epoch(caplog):
     counts.update(torch.tensor([[[0, 1], [2, 2]]]).unsqueeze(0), torch.tensor([[[0, 1], [2, 1]]]).unsqueeze(0))
     engine = Engine(lambda e, b: None)
     engine.state.epoch = 7
-    with caplog.at_level(logging.INFO, logger="scripts.organ_metrics"):
+    with caplog.at_level(logging.INFO, logger="ctlosses.organ_metrics"):
         OrganMetricsWriter(counts, show_epoch=True)(engine)
         OrganMetricsWriter(counts)(engine)
     with_epoch, without = (r.getMessage().splitlines() for r in caplog.records)

@@ -4,11 +4,11 @@
 measure in neural networks", CVPR 2018, https://arxiv.org/abs/1705.08790
 
 This module is the oracle of ``tests/losses/test_lovasz.py`` and the anchor of ``scripts/benchmark.py``
-for :mod:`scripts.losses.lovasz`. It is deliberately slow: one sort per image (or batch) and class in
+for :mod:`ctlosses.lovasz`. It is deliberately slow: one sort per image (or batch) and class in
 Python loops, ignored voxels dropped by boolean indexing, no padding and no vectorisation tricks, so
 that it can be checked by reading it against the paper.
 
-Conventions shared with :mod:`scripts.losses.lovasz`:
+Conventions shared with :mod:`ctlosses.lovasz`:
     - ``scores`` and ``target`` are ``BNH[WD]``: logits for the hinge, probabilities for the softmax
       variant; ``target`` dense (one-hot or soft), ``valid`` a ``BH[WD]`` bool mask of voxels that count.
     - a "table" holds one loss per (group, class): groups are the images with ``per_image=True``,

@@ -1,4 +1,4 @@
-"""Tests of scripts.losses.combo: hand-computed values from Taghanaki et al. 2019 (eq. 3) on tiny tensors, a plain
+"""Tests of ctlosses.combo: hand-computed values from Taghanaki et al. 2019 (eq. 3) on tiny tensors, a plain
 dense float64 reference over the argument grid, MONAI anchors (alpha = 0 is DiceLoss, alpha = 1 a BCE), numerical
 stability for huge logits, gradcheck, hypothesis properties, torch.compile, half precision and bad input."""
 
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.losses import LOSSES, get_loss
-from scripts.losses.combo import ComboLoss, log1m_softmax
-from scripts.losses.core import LossInputError
+from ctlosses import LOSSES, get_loss
+from ctlosses.combo import ComboLoss, log1m_softmax
+from ctlosses.core import LossInputError
 
 SENTINEL = 255
 TOL = {"rtol": 1e-5, "atol": 1e-6}

@@ -13,8 +13,8 @@ from monai.data import MetaTensor
 from monai.losses.utils import compute_tp_fp_fn
 from monai.metrics.utils import create_ignore_mask
 
-from scripts.losses import LOSSES, core, get_loss
-from scripts.losses.core import (
+from ctlosses import LOSSES, core, get_loss
+from ctlosses.core import (
     LossInputError,
     activate,
     activated_overlap_stats,
@@ -264,7 +264,7 @@ def test_no_full_size_float_tensor_is_kept_for_index_targets(to_onehot_y):
     """Memory: with index targets autograd saves no B x C x N float tensor besides the logits themselves
     (no one-hot copy; the probabilities live in the buffer that becomes the gradient); a dense target
     necessarily saves some (control)."""
-    from scripts.losses import DiceLoss
+    from ctlosses import DiceLoss
 
     logits, labels = labels_and_logits(shape=(2, 5, 8, 7, 6), dtype=torch.float32)
     logits.requires_grad_(True)
@@ -342,7 +342,7 @@ def test_fused_path_supports_a_second_backward_through_the_graph(activation):
     ],
 )
 def test_switches_read_what_a_command_line_gives(typed, expected):
-    from scripts.losses import DiceLoss, FocalLoss, LovaszSoftmaxLoss
+    from ctlosses import DiceLoss, FocalLoss, LovaszSoftmaxLoss
 
     assert DiceLoss(softmax=typed, to_onehot_y=typed, batch=typed).softmax is expected
     assert FocalLoss(use_softmax=typed).use_softmax is expected
@@ -351,14 +351,14 @@ def test_switches_read_what_a_command_line_gives(typed, expected):
 
 @pytest.mark.parametrize("typed", ["maybe", "", 2, 0.5, None])
 def test_a_switch_that_is_not_a_boolean_is_named(typed):
-    from scripts.losses import DiceLoss
+    from ctlosses import DiceLoss
 
     with pytest.raises(LossInputError, match=r"softmax must be true or false, got"):
         DiceLoss(softmax=typed)
 
 
 def test_ignore_index_typed_as_text():
-    from scripts.losses import DiceLoss
+    from ctlosses import DiceLoss
 
     assert DiceLoss(ignore_index="255").ignore_index == 255
     for typed in ("abc", "2.5", 2.5, True):
@@ -367,12 +367,12 @@ def test_ignore_index_typed_as_text():
 
 
 def test_an_argument_the_loss_does_not_take_lists_what_it_takes_and_its_preset():
-    """The README's swap, --loss#_target_ scripts.losses.FocalLoss, keeps train.json's softmax=true."""
+    """The README's swap, --loss#_target_ ctlosses.FocalLoss, keeps train.json's softmax=true."""
     from monai.bundle import ConfigParser
 
-    from scripts.losses import DiceLoss, FocalLoss
+    from ctlosses import DiceLoss, FocalLoss
 
-    config = {"loss": {"_target_": "scripts.losses.FocalLoss", "to_onehot_y": True, "softmax": True}}
+    config = {"loss": {"_target_": "ctlosses.FocalLoss", "to_onehot_y": True, "softmax": True}}
     with pytest.raises(Exception) as raised:
         ConfigParser(config).get_parsed_content("loss")
     error = raised.value.__cause__ or raised.value
@@ -386,7 +386,7 @@ def test_an_argument_the_loss_does_not_take_lists_what_it_takes_and_its_preset()
 
 
 def test_an_empty_batch_is_named():
-    from scripts.losses import DiceLoss, FocalLoss
+    from ctlosses import DiceLoss, FocalLoss
 
     for loss in (DiceLoss(to_onehot_y=True, softmax=True), FocalLoss(to_onehot_y=True)):
         with pytest.raises(LossInputError, match=r"empty batch \(shape \(0, 3, 4, 4\)\)"):
@@ -395,7 +395,7 @@ def test_an_empty_batch_is_named():
 
 @pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")])
 def test_a_one_hot_target_outside_0_1_is_refused(bad):
-    from scripts.losses import DiceLoss
+    from ctlosses import DiceLoss
 
     logits, labels = labels_and_logits(dtype=torch.float32)
     target = onehot(labels, 3, torch.float32)
@@ -405,7 +405,7 @@ def test_a_one_hot_target_outside_0_1_is_refused(bad):
 
 
 def test_a_single_channel_target_may_hold_its_ignore_sentinel():
-    from scripts.losses import DiceLoss
+    from ctlosses import DiceLoss
 
     target = torch.tensor([[[[0.0, 1.0, 255.0, 1.0]]]])
     loss = DiceLoss(sigmoid=True, ignore_index=255)(torch.zeros(1, 1, 1, 4), target)

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
-from scripts.losses import DiceLoss, IoULoss, JaccardLoss
-from scripts.losses.core import LossInputError
+from ctlosses import DiceLoss, IoULoss, JaccardLoss
+from ctlosses.core import LossInputError
 
 
 def assert_same_as_monai(kwargs, logits, target, ours=DiceLoss, theirs=monai.losses.DiceLoss):

@@ -1,4 +1,4 @@
-"""Tests of scripts.losses.dice_combos: DiceCELoss / DiceBCELoss / DiceFocalLoss against monai.losses 1.6.1 over
+"""Tests of ctlosses.dice_combos: DiceCELoss / DiceBCELoss / DiceFocalLoss against monai.losses 1.6.1 over
 the argument grid, ignore_index against MONAI's DiceLoss / FocalLoss and torch's CrossEntropyLoss, gradcheck,
 hypothesis properties, torch.compile, half precision and bad input."""
 
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.losses import LOSSES, get_loss
-from scripts.losses.core import LossInputError
-from scripts.losses.dice_combos import DiceBCELoss, DiceCELoss, DiceFocalLoss
+from ctlosses import LOSSES, get_loss
+from ctlosses.core import LossInputError
+from ctlosses.dice_combos import DiceBCELoss, DiceCELoss, DiceFocalLoss
 
 SENTINEL = 255
 TOL = {"rtol": 1e-5, "atol": 1e-6}

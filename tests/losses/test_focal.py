@@ -1,4 +1,4 @@
-"""Tests of scripts.losses.focal: differential against monai.losses.FocalLoss 1.6.1 over the argument grid,
+"""Tests of ctlosses.focal: differential against monai.losses.FocalLoss 1.6.1 over the argument grid,
 hand-computed values from Lin et al. 2017, gradcheck, hypothesis properties, torch.compile, half precision and
 bad input."""
 
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.losses import LOSSES, get_loss
-from scripts.losses.core import LossInputError
-from scripts.losses.focal import FocalLoss
+from ctlosses import LOSSES, get_loss
+from ctlosses.core import LossInputError
+from ctlosses.focal import FocalLoss
 
 SENTINEL = 255
 TOL = {"rtol": 1e-5, "atol": 1e-6}

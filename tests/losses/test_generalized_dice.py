@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics.utils import create_ignore_mask
 
-from scripts.losses import GeneralizedDiceLoss, LossInputError
+from ctlosses import GeneralizedDiceLoss, LossInputError
 
 SENTINEL = 255
 

@@ -1,4 +1,4 @@
-"""Tests of scripts.losses.lovasz against the loop reference written from Algorithm 1 of Berman et al. 2018
+"""Tests of ctlosses.lovasz against the loop reference written from Algorithm 1 of Berman et al. 2018
 (tests/losses/lovasz_reference.py), hand-computed values, gradcheck and hypothesis properties."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from lovasz_reference import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scripts.losses import LOSSES, get_loss, lovasz
-from scripts.losses.core import LossInputError
-from scripts.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_grad, lovasz_weights
+from ctlosses import LOSSES, get_loss, lovasz
+from ctlosses.core import LossInputError
+from ctlosses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_grad, lovasz_weights
 
 SENTINEL = 255
 TOL = {"rtol": 1e-6, "atol": 1e-6}

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import FocalLoss
+from ctlosses import FocalLoss
 
 
 def _classification_batch(seed: int, batch: int = 128, classes: int = 10, dtype=torch.float64):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import get_loss
+from ctlosses import get_loss
 
 TOLERANCE = 5e-5
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-import scripts.losses as losses
-from scripts.losses import LOSSES, LossInputError, core, get_loss
+import ctlosses as losses
+from ctlosses import LOSSES, LossInputError, core, get_loss
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = {
@@ -86,8 +86,8 @@ def test_bad_kwargs_still_raise_from_the_class():
 @pytest.mark.parametrize(
     "config",
     [
-        {"_target_": "scripts.losses.get_loss", "name": "focal_tversky", "to_onehot_y": True, "softmax": True},
-        {"_target_": "scripts.losses.FocalTverskyLoss", "to_onehot_y": True, "softmax": True},
+        {"_target_": "ctlosses.get_loss", "name": "focal_tversky", "to_onehot_y": True, "softmax": True},
+        {"_target_": "ctlosses.FocalTverskyLoss", "to_onehot_y": True, "softmax": True},
     ],
 )
 def test_bundle_config_instantiates_by_name_or_class(config):
@@ -110,7 +110,7 @@ def test_a_monai_config_works_unchanged_with_our_class():
         "ignore_index": 255,
     }
     theirs = ConfigParser({"loss": config}).get_parsed_content("loss")
-    ours = ConfigParser({"loss": {**config, "_target_": "scripts.losses.DiceLoss"}}).get_parsed_content("loss")
+    ours = ConfigParser({"loss": {**config, "_target_": "ctlosses.DiceLoss"}}).get_parsed_content("loss")
     logits, labels = torch.randn(2, 4, 5, 6), torch.randint(0, 4, (2, 1, 5, 6))
     torch.testing.assert_close(ours(logits, labels), theirs(logits, labels), rtol=1e-5, atol=1e-6)
 
@@ -147,8 +147,6 @@ def test_registry_is_every_loss_class_the_package_exports():
 
 def test_a_missing_family_module_is_an_import_error():
     """A typo or a deleted module must fail loudly, not drop a loss from the registry."""
-    code = "import sys; sys.modules['scripts.losses.lovasz'] = None\nimport scripts.losses"
+    code = "import sys; sys.modules['ctlosses.lovasz'] = None\nimport ctlosses"
     result = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=120)
-    assert (
-        result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "scripts.losses.lovasz" in result.stderr
-    )
+    assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "ctlosses.lovasz" in result.stderr

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from region_cases import ACTIVATIONS, SENTINEL, TOL, loss_and_grad, make_case, random_case
 
-from scripts.losses import FocalTverskyLoss, TverskyLoss
-from scripts.losses.core import LossInputError
+from ctlosses import FocalTverskyLoss, TverskyLoss
+from ctlosses.core import LossInputError
 
 
 @pytest.mark.parametrize("spatial", [(5, 4), (4, 3, 5)], ids=["2d", "3d"])

@@ -1,9 +1,9 @@
-"""MONAI-compatible segmentation losses on one shared core (``scripts.losses.core``).
+"""ctlosses: MONAI-compatible segmentation losses on one shared core (``ctlosses.core``), and per-organ metrics.
 
 Every class is a ``torch.nn.Module`` with ``forward(input, target)``; ``LOSSES`` maps registry names to
 classes and ``get_loss(name, **kwargs)`` builds one from a config::
 
-    {"_target_": "scripts.losses.get_loss", "name": "focal_tversky", "to_onehot_y": true, "softmax": true}
+    {"_target_": "ctlosses.get_loss", "name": "focal_tversky", "to_onehot_y": true, "softmax": true}
 
 Adding a loss: one module, one line in ``LOSSES`` below, one preset in ``configs/losses/`` (docs/losses.md,
 "Adding a loss").
@@ -21,6 +21,8 @@ from .focal import FocalLoss
 from .generalized_dice import GeneralizedDiceLoss
 from .lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from .tversky import FocalTverskyLoss, TverskyLoss
+
+__version__ = "0.2.0"
 
 LOSSES: dict[str, type[torch.nn.Module]] = {
     "dice": DiceLoss,
@@ -40,6 +42,7 @@ LOSSES: dict[str, type[torch.nn.Module]] = {
 
 __all__ = [
     "LOSSES",
+    "__version__",
     "ComboLoss",
     "DiceBCELoss",
     "DiceCELoss",

@@ -576,7 +576,7 @@ class OrganMetricsWriter:
         metrics: scores to report. Defaults to ``("dice", "iou")``.
         filename: per-image CSV name. Defaults to ``"organ_metrics.csv"``.
         summary_filename: per-organ CSV name. Defaults to ``"organ_metrics_summary.csv"``.
-        logger_name: logger of the table. Defaults to ``"scripts.organ_metrics"``; set ``None`` to log nothing.
+        logger_name: logger of the table. Defaults to ``"ctlosses.organ_metrics"``; set ``None`` to log nothing.
         show_epoch: name the engine's epoch in the table's title (``epoch 5: per-organ scores ...``), for a
             validation run during training, whose evaluator counts the trainer's epochs. Defaults to ``False``.
     """
@@ -588,7 +588,7 @@ class OrganMetricsWriter:
         metrics: Sequence[str] = ("dice", "iou"),
         filename: str = "organ_metrics.csv",
         summary_filename: str = "organ_metrics_summary.csv",
-        logger_name: str | None = "scripts.organ_metrics",
+        logger_name: str | None = "ctlosses.organ_metrics",
         show_epoch: bool = False,
     ) -> None:
         unknown = [m for m in metrics if m not in OVERLAP_METRICS]
