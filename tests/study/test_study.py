@@ -67,6 +67,9 @@ def test_table_has_one_row_per_loss_and_a_column_per_organ(study_run):
     for row, loss in zip(rows, LOSSES):
         run = results[loss][0]
         assert run["iterations"] == 2 and len(run["curve"]) == 2  # validated at iterations 1 and 2
+        # the small-organ Dice of every validation, for the curves plot: same iterations, scores of those organs
+        assert [it for it, _ in run["small_organ_curve"]] == [it for it, _ in run["curve"]]
+        assert all(0.0 <= value <= 1.0 for _, value in run["small_organ_curve"]), run["small_organ_curve"]
         assert not math.isnan(float(row["mean_dice"])) and 0.0 <= float(row["mean_dice"]) <= 1.0
         assert float(row["mean_dice"]) == pytest.approx(run["mean_dice"], abs=1e-5)
         expected_small = sum(run["dice"][o] for o in study.SMALL_ORGANS) / len(study.SMALL_ORGANS)
@@ -83,7 +86,7 @@ def test_plots_exist(study_run):
     pytest.importorskip("matplotlib", reason="plots need matplotlib; the tables are written without it")
     _, out, _ = study_run
     assert len(study.PLOTS) == 4  # the three of the issue plus the headline small-organ chart
-    for name in study.PLOTS:
+    for name in (*study.PLOTS, "small_organ_dice_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
