@@ -29,9 +29,11 @@ from .core import (
     activate,
     check_activation,
     check_flag,
+    check_range,
     first_class,
     flatten_probs,
 )
+from .dice_combos import binary_cross_entropy_term, cross_entropy_term
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_grad", "lovasz_hinge", "lovasz_softmax", "lovasz_weights"]
 
@@ -438,6 +440,13 @@ class LovaszHingeLoss(_LovaszLoss):
         ignore_index: target label whose voxels contribute nothing, gradient included (MONAI 1.6.1's rule for
             one-hot targets: a class index masks that class' voxels, any other value masks all-zero voxels).
             Defaults to None.
+        lambda_ce: weight of a cross-entropy term on the same logits, added to the hinge: softmax cross-entropy
+            over all channels (``torch.nn.CrossEntropyLoss``, background included, unweighted) for N > 1 channels,
+            binary cross-entropy with logits for one, ignored voxels left out, as ``DiceCELoss``'s CE term.
+            Berman et al. use the hinge for binary problems and the Lovasz losses beside a cross-entropy or to
+            fine-tune; on a 14-class problem trained from scratch the pure hinge (the default, 0) learns nothing
+            (``docs/losses.md``), with ``lambda_ce=1`` it does. Not with ``reduction="none"`` (the hinge is per
+            channel, the CE per voxel).
 
     Example::
 
@@ -453,12 +462,30 @@ class LovaszHingeLoss(_LovaszLoss):
         reduction: str = "mean",
         weight: Sequence[float] | float | torch.Tensor | None = None,
         ignore_index: int | None = None,
+        lambda_ce: float = 0.0,
     ) -> None:
         super().__init__(include_background, to_onehot_y, per_image, reduction, weight, ignore_index)
+        self.lambda_ce = check_range("lambda_ce", lambda_ce, 0.0)
+        if self.lambda_ce > 0 and self.reduction == "none":
+            raise LossInputError(
+                'lambda_ce > 0 needs reduction "mean" or "sum": the hinge is one value per image and channel, '
+                'the cross-entropy one per voxel; got reduction="none".'
+            )
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         table = lovasz_hinge(_problems(activate(input), encoded, self.include_background, self.per_image))
         return table, torch.ones_like(table, dtype=torch.bool)
+
+    def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
+        hinge = super().compute(input, encoded)
+        if self.lambda_ce == 0:
+            return hinge
+        logits = flatten_probs(input)
+        if logits.shape[1] == 1:
+            cross_entropy = binary_cross_entropy_term(logits, encoded, None, self.reduction)
+        else:
+            cross_entropy = cross_entropy_term(logits, encoded, None, 0.0, self.reduction)
+        return hinge + self.lambda_ce * cross_entropy
 
 
 class LovaszSoftmaxLoss(_LovaszLoss):

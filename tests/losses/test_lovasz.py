@@ -555,3 +555,48 @@ def test_bad_tensors(cls):
         cls(to_onehot_y=True, weight=[1.0, 1.0, 1.0], include_background=False)(logits, target)
     with pytest.raises(LossInputError):
         cls()(logits[0, 0], target[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------- hinge + cross-entropy
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("lambda_ce", [0.5, 1.0])
+def test_hinge_with_cross_entropy_is_the_hinge_plus_torch_cross_entropy(channels, reduction, lambda_ce):
+    torch.manual_seed(3)
+    logits = torch.randn(2, channels, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, max(2, channels), (2, 1, 6, 5, 4))
+    labels[0, 0, :2] = 255  # ignored voxels: out of both terms
+    hinge = LovaszHingeLoss(to_onehot_y=channels > 1, reduction=reduction, ignore_index=255)
+    both = LovaszHingeLoss(to_onehot_y=channels > 1, reduction=reduction, ignore_index=255, lambda_ce=lambda_ce)
+    keep = labels[:, 0] != 255
+    if channels == 1:
+        target = torch.where(labels == 255, 0, labels).to(logits)
+        per_voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")[:, 0][keep]
+    else:
+        per_voxel = F.cross_entropy(logits, torch.where(labels == 255, 0, labels)[:, 0], reduction="none")[keep]
+    # torch's mean: over every counted voxel of the batch (MONAI's DiceCE term); the sum: over the same voxels
+    cross_entropy = per_voxel.mean() if reduction == "mean" else per_voxel.sum()
+    expected = hinge(logits, labels) + lambda_ce * cross_entropy
+    value = both(logits, labels)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(value, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_hinge_with_cross_entropy_gradcheck_float64():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 3, 4, 4, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 4, 4, 3))
+    loss = LovaszHingeLoss(to_onehot_y=True, lambda_ce=1.0)
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits,))
+
+
+def test_hinge_with_cross_entropy_refuses_reduction_none_and_negative_weight():
+    with pytest.raises(LossInputError, match='reduction="none"'):
+        LovaszHingeLoss(reduction="none", lambda_ce=1.0)
+    with pytest.raises(LossInputError, match="lambda_ce"):
+        LovaszHingeLoss(lambda_ce=-1.0)
+    assert LovaszHingeLoss(reduction="none").lambda_ce == 0.0  # the pure hinge keeps every reduction
