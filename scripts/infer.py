@@ -49,6 +49,7 @@ from monai.transforms import Compose, LoadImaged, SaveImaged
 
 from scripts.checks import check_finite_and_varied
 from scripts.data import DatasetError
+from scripts.network_settings import check_settings_fit, recorded_settings
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
@@ -274,6 +275,12 @@ class Bundle:
     ckpt_path: str
 
 
+def _base_files(config_files: list[str], settings: dict) -> list[str]:
+    """The config files the user gave, without the current preset's, as a fix for a misfit should list them."""
+    given = ["configs/inference.json" if Path(f).resolve() == DEFAULT_CONFIG else f for f in config_files]
+    return [f for f in given if Path(f).name != f"{settings.get('preset')}.json"]
+
+
 def load_bundle(
     config_files: list[str], meta_file: str, device: torch.device, model: str | None, inferer_overrides: dict
 ) -> Bundle:
@@ -314,6 +321,11 @@ def load_bundle(
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as error:  # an unpickling error is no ValueError; say which file it was
         raise ValueError(f"checkpoint {ckpt_path} is not a readable PyTorch checkpoint: {error}") from None
+    expected = parser.get_parsed_content("network_settings", default=None)
+    if expected is not None:  # before any image is read: a model of another preset would misread every image
+        check_settings_fit(
+            ckpt_path, recorded_settings(state), expected, _base_files(config_files, expected), "--config"
+        )
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # CheckpointSaver's multi-object layout
         state = state["model"]
     try:

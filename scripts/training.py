@@ -332,14 +332,25 @@ class BestModelSaver:
     only replaces the model with a better one, and does not keep its own earlier model aside.
 
     Args:
-        model_path: where the best weights go (``models/model.pt``), as a state dict of the network.
+        model_path: where the best weights go (``models/model.pt``), as ``{"model": state_dict,
+            "network_settings": network_settings}``: the layout MONAI's ``CheckpointLoader`` and MONAI Label read
+            with the key ``model``.
         network: the network (a ``DistributedDataParallel`` wrapper is saved without its ``module.`` prefix).
         metric_name: the evaluator metric to maximise (default: the evaluator's key metric).
+        network_settings: what the network was trained with (``scripts.network_settings.network_settings``), so
+            inference can refuse a config it does not fit; left out of the file when None.
     """
 
-    def __init__(self, model_path: str | os.PathLike, network: torch.nn.Module, metric_name: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        network: torch.nn.Module,
+        metric_name: str | None = None,
+        network_settings: dict | None = None,
+    ) -> None:
         self.model_path = Path(model_path)
         self.network = network
+        self.network_settings = network_settings
         self.metric_name = metric_name
         self.best_metric = -math.inf
         self.best_epoch = -1
@@ -383,7 +394,10 @@ class BestModelSaver:
         network = self.network.module if hasattr(self.network, "module") else self.network
         self.model_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.model_path.with_name(self.model_path.name + ".tmp")
-        torch.save(network.state_dict(), temporary)
+        checkpoint = {"model": network.state_dict()}
+        if self.network_settings is not None:
+            checkpoint["network_settings"] = self.network_settings
+        torch.save(checkpoint, temporary)
         self._keep_previous()
         os.replace(temporary, self.model_path)
         self.written_digest = _digest(self.model_path)

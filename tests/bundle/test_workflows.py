@@ -47,8 +47,10 @@ def test_two_iteration_training(trained):
     metrics = workflow.evaluator.state.metrics
     assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and 0.0 <= metrics["val_mean_iou"] <= metrics["val_mean_dice"]
     assert "val_mean_dice/left_adrenal_gland" in metrics  # per-organ entries named from metadata.json
-    best = torch.load(out / "models" / "model.pt", map_location="cpu")
-    assert set(best) == set(workflow.parser.get_parsed_content("network").state_dict())
+    best = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert set(best) == {"model", "network_settings"}
+    assert set(best["model"]) == set(workflow.parser.get_parsed_content("network").state_dict())
+    assert best["network_settings"] == workflow.parser.get_parsed_content("network_settings")
     assert (out / "eval" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
     assert list((out / "eval").glob("events.out.tfevents.*"))  # TensorBoard
 

@@ -108,7 +108,8 @@ def bundle_own_prediction(bundle: Path, image: Path) -> np.ndarray:
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
+    checkpoint = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(checkpoint.get("model", checkpoint))  # the shipped plain state dict, or a trained one
     network.eval()
     data = parser.get_parsed_content("preprocessing")({"image": str(image)})
     with torch.no_grad():
@@ -189,7 +190,7 @@ def test_train_task_fine_tunes_the_shipped_model_for_one_epoch(bundle, studies):
     assert [h["load_path"] for h in loaders] == [str(checkpoint)]
     # one epoch validated and saved: models/model.pt now holds new weights of the same network
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() != shipped
-    weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     assert weights.keys() == parser.get_parsed_content("network_def").state_dict().keys()

@@ -148,7 +148,7 @@ def evaluate_single_process(checkpoint: Path, dataset_dir: Path, bundle_root: Pa
     parser.read_config(str(bundle_root / "configs" / "train.json"))
     parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
     return float(evaluator.state.metrics["val_mean_dice"])
@@ -191,6 +191,8 @@ def test_two_gloo_processes_train_one_model(tiny_phantom, tmp_path):
 
     # the saved weights are the weights that were validated, and are the ranks' common weights
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["network_settings"]["preset"] == "default"  # recorded for inference to compare
+    saved = saved["model"]
     for name, value in reports[0]["weights"].items():
         torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)
 
