@@ -394,7 +394,7 @@ def test_stale_checkpoint_of_another_run(bundle, phantom):
     )
     assert "train without --resume" in last
     assert (
-        "checkpoint_epoch=1.pt: differs in loss ('ctlosses.DiceLoss' there, 'ctlosses.DiceCELoss' now)" in result[1][-2]
+        "checkpoint_epoch=1.pt: differs in loss ('ctlosses.DiceLoss' there, 'ctlosses.ComboLoss' now)" in result[1][-2]
     )
     assert digest(bundle / "models" / "model.pt") == model
     # the same checkpoint with its own run's settings fits, but has trained its epoch already

@@ -84,7 +84,8 @@ def test_model_zoo_ids_present():
         assert key in train, key
     assert {"trainer", "dataset", "dataloader", "inferer", "handlers", "preprocessing"} <= set(train["train"])
     assert {"evaluator", "dataset", "inferer", "handlers", "key_metric", "postprocessing"} <= set(train["validate"])
-    assert train["loss"] == {"_target_": "ctlosses.DiceCELoss", "to_onehot_y": True, "softmax": True}
+    # the default loss is the combo preset's (docs/losses.md, "The default loss"); dice_ce.json is MONAI's usual one
+    assert train["loss"] == ConfigParser.load_config_file(CONFIGS / "losses" / "combo.json")["loss"]
     inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
     assert inference["network_def"] == train["network_def"]  # the shipped weights load in both
 
