@@ -129,3 +129,20 @@ def check_checkpoint_fits(
     except Exception as error:  # noqa: BLE001 - an unpickling error is no OSError; say which file it was
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint: {error}") from None
     return check_settings_fit(path, recorded_settings(checkpoint), expected, base_files, option)
+
+
+class CheckpointFits:
+    """Ignite handler: :func:`check_checkpoint_fits` when the evaluator starts, listed before its ``CheckpointLoader``.
+    ``evaluate.json`` checks there rather than in ``initialize`` so that a bad validation image, found when the
+    datalist is built, is reported first: the user has to fix it whatever the model."""
+
+    def __init__(self, path: str, expected: dict, base_files=("configs/inference.json",)) -> None:
+        self.path, self.expected, self.base_files = path, expected, tuple(base_files)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine) -> None:
+        check_checkpoint_fits(self.path, self.expected, self.base_files)

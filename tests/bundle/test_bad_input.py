@@ -147,7 +147,8 @@ def test_unknown_loss_is_one_message(bundle, phantom):
         (("--loss#ignore_index", "abc"), ("ignore_index", "'abc'")),
         (
             ("--loss#_target_", "ctlosses.FocalLoss"),
-            ("FocalLoss does not take softmax", "configs/losses/focal.json"),
+            # the default loss (Combo) has alpha, beta, to_onehot_y and softmax: FocalLoss has alpha and to_onehot_y
+            ("FocalLoss does not take beta, softmax", "configs/losses/focal.json"),
         ),
     ],
 )

@@ -182,7 +182,10 @@ def test_evaluate_json_without_the_preset_is_refused(phantom, gpu_model, tmp_pat
     from bundle_helpers import train_workflow
 
     with pytest.raises(Exception) as raised:
-        train_workflow(["train.json", "evaluate.json"], phantom, tmp_path, ckpt_dir=str(gpu_model.parent), **ON_CPU)
+        # checked when the evaluator starts, before CheckpointLoader: a bad validation image is reported first
+        train_workflow(
+            ["train.json", "evaluate.json"], phantom, tmp_path, ckpt_dir=str(gpu_model.parent), **ON_CPU
+        ).run()
     error = raised.value
     while error is not None and not isinstance(error, CheckpointMismatchError):
         error = error.__cause__ or error.__context__
