@@ -444,9 +444,9 @@ class LovaszHingeLoss(_LovaszLoss):
             over all channels (``torch.nn.CrossEntropyLoss``, background included, unweighted) for N > 1 channels,
             binary cross-entropy with logits for one, ignored voxels left out, as ``DiceCELoss``'s CE term.
             Berman et al. use the hinge for binary problems and the Lovasz losses beside a cross-entropy or to
-            fine-tune; on a 14-class problem trained from scratch the pure hinge (the default, 0) learns nothing
-            (``docs/losses.md``), with ``lambda_ce=1`` it does. Not with ``reduction="none"`` (the hinge is per
-            channel, the CE per voxel).
+            fine-tune; on a 14-class problem trained from scratch the pure hinge (the default, 0) learns nothing,
+            and the hinge learns only slowly even beside a cross-entropy weighted ten times (``docs/losses.md``).
+            Not with ``reduction="none"`` (the hinge is per channel, the CE per voxel).
 
     Example::
 
