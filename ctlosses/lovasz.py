@@ -445,7 +445,7 @@ class LovaszHingeLoss(_LovaszLoss):
             binary cross-entropy with logits for one, ignored voxels left out, as ``DiceCELoss``'s CE term.
             Berman et al. use the hinge for binary problems and the Lovasz losses beside a cross-entropy or to
             fine-tune; on a 14-class problem trained from scratch the pure hinge (the default, 0) learns nothing,
-            and the hinge learns only slowly even beside a cross-entropy weighted ten times (``docs/losses.md``).
+            and beside a cross-entropy weighted twenty times it learns, slowly (``docs/losses.md``).
             Not with ``reduction="none"`` (the hinge is per channel, the CE per voxel).
 
     Example::
