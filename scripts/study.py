@@ -121,13 +121,13 @@ def run_single(
     curve: list[tuple[int, float]] = []
     small_organ_curve: list[tuple[int, float]] = []
     organ_counts = workflow.parser.get_parsed_content("validate#organ_counts")
+    organs = dict(zip(organ_counts.organ_names, organ_counts.organ_keys))  # name -> its key in the metrics
     timing = {"validation_s": 0.0}
 
     def record_validation(engine):
         # the evaluator's own key metric (validate#key_metric in train.json), whatever the config names it
         name = engine.state.key_metric_name
         curve.append((trainer.state.iteration, float(engine.state.metrics[name])))
-        organs = dict(zip(organ_counts.organ_names, organ_counts.organ_keys))
         per_organ = {o: float(engine.state.metrics.get(f"{name}/{k}", math.nan)) for o, k in organs.items()}
         small_organ_curve.append((trainer.state.iteration, small_organ_dice(per_organ)))
         timing["validation_s"] += time.perf_counter() - timing.pop("val_start")
