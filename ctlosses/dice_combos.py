@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .core import (
     EncodedTarget,
+    LossInputError,
     SegmentationLoss,
     check_probability,
     check_range,
@@ -83,6 +84,28 @@ def binary_cross_entropy_term(
     counts = torch.ones_like(per_voxel) if encoded.mask_weight is None else encoded.mask_weight.unsqueeze(1)
     per_voxel = per_voxel if encoded.mask_weight is None else per_voxel * counts
     return per_voxel if reduction == "none" else finish_cross_entropy(per_voxel[:, 0], counts[:, 0], reduction)
+
+
+def cross_entropy_beside(input: torch.Tensor, encoded: EncodedTarget, reduction: str) -> torch.Tensor:
+    """The cross-entropy a loss adds beside its own term with ``lambda_ce`` (``LovaszHingeLoss``,
+    ``GeneralizedDiceLoss``): on the raw logits, softmax CE over all channels (``torch.nn.CrossEntropyLoss``,
+    background included, unweighted) for N > 1, BCE with logits for one, voxels that do not count left out, as
+    ``DiceCELoss``'s CE term. Returns a scalar (``"mean"`` or ``"sum"``)."""
+    logits = flatten_probs(input.to(compute_dtype(input.dtype)))
+    if logits.shape[1] == 1:
+        return binary_cross_entropy_term(logits, encoded, None, reduction)
+    return cross_entropy_term(logits, encoded, None, 0.0, reduction)
+
+
+def check_lambda_ce(lambda_ce: float, reduction: str, own_term: str) -> float:
+    """``lambda_ce`` >= 0; a cross-entropy beside a term computed per ``own_term`` cannot keep ``"none"``."""
+    lambda_ce = check_range("lambda_ce", lambda_ce, 0.0)
+    if lambda_ce > 0 and reduction == "none":
+        raise LossInputError(
+            f'lambda_ce > 0 needs reduction "mean" or "sum": the loss is one value per {own_term}, '
+            'the cross-entropy one per voxel; got reduction="none".'
+        )
+    return lambda_ce
 
 
 def _dice_weight(weight: torch.Tensor | None, include_background: bool) -> torch.Tensor | None:

@@ -29,11 +29,10 @@ from .core import (
     activate,
     check_activation,
     check_flag,
-    check_range,
     first_class,
     flatten_probs,
 )
-from .dice_combos import binary_cross_entropy_term, cross_entropy_term
+from .dice_combos import check_lambda_ce, cross_entropy_beside
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_grad", "lovasz_hinge", "lovasz_softmax", "lovasz_weights"]
 
@@ -465,12 +464,7 @@ class LovaszHingeLoss(_LovaszLoss):
         lambda_ce: float = 0.0,
     ) -> None:
         super().__init__(include_background, to_onehot_y, per_image, reduction, weight, ignore_index)
-        self.lambda_ce = check_range("lambda_ce", lambda_ce, 0.0)
-        if self.lambda_ce > 0 and self.reduction == "none":
-            raise LossInputError(
-                'lambda_ce > 0 needs reduction "mean" or "sum": the hinge is one value per image and channel, '
-                'the cross-entropy one per voxel; got reduction="none".'
-            )
+        self.lambda_ce = check_lambda_ce(lambda_ce, self.reduction, "image and channel")
 
     def _table(self, input: torch.Tensor, encoded: EncodedTarget) -> tuple[torch.Tensor, torch.Tensor]:
         table = lovasz_hinge(_problems(activate(input), encoded, self.include_background, self.per_image))
@@ -480,12 +474,7 @@ class LovaszHingeLoss(_LovaszLoss):
         hinge = super().compute(input, encoded)
         if self.lambda_ce == 0:
             return hinge
-        logits = flatten_probs(input)
-        if logits.shape[1] == 1:
-            cross_entropy = binary_cross_entropy_term(logits, encoded, None, self.reduction)
-        else:
-            cross_entropy = cross_entropy_term(logits, encoded, None, 0.0, self.reduction)
-        return hinge + self.lambda_ce * cross_entropy
+        return hinge + self.lambda_ce * cross_entropy_beside(input, encoded, self.reduction)
 
 
 class LovaszSoftmaxLoss(_LovaszLoss):

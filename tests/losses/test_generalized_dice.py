@@ -129,3 +129,50 @@ def test_gradcheck_index_path():
 def test_bad_w_type_is_named():
     with pytest.raises(LossInputError, match="w_type must be one of"):
         GeneralizedDiceLoss(w_type="cubic")
+
+
+# ---------------------------------------------------------------------------------- generalised Dice + cross-entropy
+
+
+@pytest.mark.parametrize("target_format", ["index", "one-hot"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("batch", [False, True])
+def test_cross_entropy_beside_is_monai_gdl_plus_torch_cross_entropy(target_format, reduction, batch):
+    logits, labels = make_case(seed=7)
+    logits.requires_grad_(True)
+    target = labels if target_format == "index" else one_hot(labels, 4)
+    settings = dict(to_onehot_y=target_format == "index", softmax=True, w_type="simple", batch=batch)
+    both = GeneralizedDiceLoss(**settings, include_background=False, reduction=reduction, lambda_ce=0.7)
+    ratio = monai.losses.GeneralizedDiceLoss(**settings, include_background=False, reduction=reduction)
+    per_voxel = F.cross_entropy(logits, labels[:, 0], reduction="none")  # every channel, background included
+    cross_entropy = per_voxel.mean() if reduction == "mean" else per_voxel.sum()
+    expected = ratio(logits, target) + 0.7 * cross_entropy
+    value = both(logits, target)
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)  # MONAI rounds its weights to float32
+    (grad,) = torch.autograd.grad(value, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_cross_entropy_beside_leaves_ignored_voxels_out():
+    logits, labels = make_case(spatial=(24,), seed=8, absent_class=False)
+    labels[:, :, ::3] = SENTINEL
+    kept = labels[0, 0] != SENTINEL
+    loss = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, ignore_index=SENTINEL, lambda_ce=1.0)
+    removed = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, lambda_ce=1.0)
+    torch.testing.assert_close(loss(logits[:1], labels[:1]), removed(logits[:1, :, kept], labels[:1, :, kept]))
+
+
+def test_cross_entropy_beside_gradcheck_float64():
+    logits, labels = make_case(spatial=(3, 4, 3), seed=9)
+    logits.requires_grad_(True)
+    loss = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, w_type="simple", batch=True, lambda_ce=1.0)
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits,))
+
+
+def test_cross_entropy_beside_refuses_reduction_none_and_negative_weight():
+    with pytest.raises(LossInputError, match='reduction="none"'):
+        GeneralizedDiceLoss(reduction="none", lambda_ce=1.0)
+    with pytest.raises(LossInputError, match="lambda_ce"):
+        GeneralizedDiceLoss(lambda_ce=-0.1)
+    assert GeneralizedDiceLoss(reduction="none").lambda_ce == 0.0  # the ratio alone keeps every reduction
