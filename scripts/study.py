@@ -248,7 +248,7 @@ def write_tables(out: Path, columns: list[str], table: list[dict]) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
 
 
-def write_commands(out: Path, argv: list[str]) -> None:
+def write_commands(out: Path, argv: list[str], finished: tuple[int, int]) -> None:
     import monai
     import torch
 
@@ -269,6 +269,7 @@ python -m scripts.study {shlex.join(argv)}
 - python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}
 - machine: {platform.platform()}, {platform.processor() or platform.machine()}, {device}
 - torch threads: {torch.get_num_threads()}
+- runs finished: {finished[0]} of {finished[1]}
 """
     (out / "commands.md").write_text(text)
 
@@ -467,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="extra bundle override, e.g. 'patch_size=[32,32,32]'; repeatable; the same for every run",
     )
+    parser.add_argument(
+        "--tabulate-only",
+        action="store_true",
+        help="train nothing: write the tables and plots of the runs that have finished (a study part-way through)",
+    )
     parser.add_argument("--run-one", nargs=2, metavar=("LOSS", "SEED"), help=argparse.SUPPRESS)
     return parser
 
@@ -501,15 +507,21 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     for seed in range(args.seeds):
         for loss in losses:
             done = out / "runs" / loss / f"seed{seed}" / "result.json"
-            if not done.is_file():
+            if done.is_file():
+                print(f"[study] skipping {loss} seed {seed}: {done} exists", flush=True)
+            elif args.tabulate_only:
+                continue
+            else:
                 print(f"[study] training {loss} seed {seed}", flush=True)
                 train_in_child(argv, loss, seed)
-            else:
-                print(f"[study] skipping {loss} seed {seed}: {done} exists", flush=True)
             results[loss].append(json.loads(done.read_text()))
+    finished = sum(len(runs) for runs in results.values())
+    results = {loss: runs for loss, runs in results.items() if runs}
+    if not results:
+        raise SystemExit(f"[study] no finished run under {out / 'runs'} for these losses and seeds: nothing to tabulate")
     columns, table = summarise(results)
     write_tables(out, columns, table)
-    write_commands(out, argv)
+    write_commands(out, [a for a in argv if a != "--tabulate-only"], (finished, len(losses) * args.seeds))
     try:
         write_plots(out, results, table, args.dataset_dir.resolve())
     except ImportError as e:

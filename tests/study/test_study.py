@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -102,6 +103,29 @@ def test_second_invocation_skips_finished_runs(study_run, capsys, monkeypatch):
     assert again == results
     assert all((out / "runs" / loss / "seed0" / "result.json").stat().st_mtime_ns == t for loss, t in done.items())
     assert capsys.readouterr().out.count("[study] skipping") == len(LOSSES)
+
+
+def test_tabulate_only_tables_the_finished_runs_and_trains_nothing(study_run, tmp_path, monkeypatch):
+    phantom, out, results = study_run
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    shutil.rmtree(partial / "runs" / "focal")  # a study stopped after dice's run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"--tabulate-only started a run: {args}")
+
+    monkeypatch.setattr(study, "train_in_child", no_training)
+    argv = _argv(phantom, partial)
+    argv[argv.index("--seeds") + 1] = "2"  # seed 1 never ran
+    tabled = study.main([*argv, "--tabulate-only"])
+    assert tabled == {"dice": results["dice"]}
+    with open(partial / "results.csv") as f:
+        assert [(r["loss"], r["seeds"]) for r in csv.DictReader(f)] == [("dice", "1")]
+    commands = (partial / "commands.md").read_text()
+    assert "runs finished: 1 of 4" in commands and "--tabulate-only" not in commands and "--seeds 2" in commands
+    shutil.rmtree(partial / "runs" / "dice")
+    with pytest.raises(SystemExit, match="no finished run"):
+        study.main([*argv, "--tabulate-only"])
 
 
 def test_summary_is_mean_and_sample_spread_over_seeds():
