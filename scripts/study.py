@@ -518,7 +518,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     finished = sum(len(runs) for runs in results.values())
     results = {loss: runs for loss, runs in results.items() if runs}
     if not results:
-        raise SystemExit(f"[study] no finished run under {out / 'runs'} for these losses and seeds: nothing to tabulate")
+        raise SystemExit(
+            f"[study] no finished run under {out / 'runs'} for these losses and seeds: nothing to tabulate"
+        )
     columns, table = summarise(results)
     write_tables(out, columns, table)
     write_commands(out, [a for a in argv if a != "--tabulate-only"], (finished, len(losses) * args.seeds))
