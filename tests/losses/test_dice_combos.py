@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctlosses import LOSSES, get_loss
+from ctlosses import LOSSES, GeneralizedDiceLoss, LovaszHingeLoss, get_loss
 from ctlosses.core import LossInputError
 from ctlosses.dice_combos import DiceBCELoss, DiceCELoss, DiceFocalLoss
 
@@ -407,3 +407,13 @@ def test_dice_ce_shared_log_softmax_equals_separate_terms(kwargs):
     apart.sum().backward()
     torch.testing.assert_close(fused_input.grad, apart_input.grad, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("cls", [LovaszHingeLoss, GeneralizedDiceLoss])
+def test_cross_entropy_beside_refuses_reduction_none_and_negative_weight(cls):
+    # the hinge and the generalised Dice ratio are per image, the cross-entropy per voxel: no common "none" shape
+    with pytest.raises(LossInputError, match='reduction="none"'):
+        cls(reduction="none", lambda_ce=1.0)
+    with pytest.raises(LossInputError, match="lambda_ce"):
+        cls(lambda_ce=-0.1)
+    assert cls(reduction="none").lambda_ce == 0.0  # the loss alone keeps every reduction
