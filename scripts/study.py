@@ -6,7 +6,8 @@ Run as ``python -m scripts.study --dataset_dir DIR --losses all --iterations 200
 with ``configs/evaluate.json``, in a fresh child process so that its peak memory is its own. A run writes
 ``<out>/runs/<loss>/seed<k>/result.json`` last; a later invocation skips runs that have one (resuming).
 
-Outputs under ``--out``: ``results.csv`` and ``results.md`` (mean and spread over seeds), ``commands.md``, and,
+Outputs under ``--out``: ``results.csv`` and ``results.md`` (mean and spread over seeds), ``curves.md`` (validation
+Dice against iterations, mean over seeds), ``commands.md``, and,
 when matplotlib is importable, ``val_dice_curves.png``, ``organ_dice_heatmap.png``, ``small_organ_dice.png``
 (the headline: small-organ and mean Dice per loss), ``axial_slices.png`` and, for runs that recorded it,
 ``small_organ_dice_curves.png`` (small-organ Dice against iterations, a band over seeds).
@@ -246,6 +247,30 @@ def write_tables(out: Path, columns: list[str], table: list[dict]) -> None:
         "torch.cuda.max_memory_allocated on CUDA."
     )
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+
+
+def write_curve_table(out: Path, results: dict[str, list[dict]]) -> None:
+    """``curves.md``: validation mean Dice and small-organ Dice against iterations, the mean over seeds at every
+    iteration all of a loss' seeds validated: which loss leads at which budget, as numbers."""
+    sections = []
+    for key, title in (("curve", "validation mean Dice"), ("small_organ_curve", "validation small-organ Dice")):
+        curves = {loss: [dict(run.get(key) or []) for run in runs] for loss, runs in results.items()}
+        its = sorted({it for values in curves.values() for v in values for it in v})
+        lines = [
+            f"### {title}",
+            "",
+            "| loss | seeds | " + " | ".join(map(str, its)) + " |",
+            "|---|---:" + "|---:" * len(its) + "|",
+        ]
+        for loss, values in curves.items():
+            cells = [
+                f"{statistics.fmean(v[it] for v in values):.3f}" if values and all(it in v for v in values) else ""
+                for it in its
+            ]
+            lines.append(f"| {loss} | {len(values)} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    note = "Mean over the seeds; an empty cell: not every seed of that loss validated at that iteration."
+    (out / "curves.md").write_text("# Validation against iterations\n\n" + "\n\n".join(sections) + "\n\n" + note + "\n")
 
 
 def write_commands(out: Path, argv: list[str], finished: tuple[int, int]) -> None:
@@ -523,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         )
     columns, table = summarise(results)
     write_tables(out, columns, table)
+    write_curve_table(out, results)
     write_commands(out, [a for a in argv if a != "--tabulate-only"], (finished, len(losses) * args.seeds))
     try:
         write_plots(out, results, table, args.dataset_dir.resolve())

@@ -83,6 +83,20 @@ def test_table_has_one_row_per_loss_and_a_column_per_organ(study_run):
     assert "--losses dice,focal" in commands and "torch" in commands and "monai" in commands
 
 
+def test_curve_table_is_the_validation_curves(study_run):
+    _, out, results = study_run
+    text = (out / "curves.md").read_text()
+    mean_dice, small = text.split("### validation small-organ Dice")
+    for section, key in ((mean_dice, "curve"), (small, "small_organ_curve")):
+        rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
+        header = [cell.strip() for cell in rows["loss"].strip("|").split("|")][2:]
+        for loss in LOSSES:
+            run = results[loss][0]
+            assert header == [str(it) for it, _ in run[key]]
+            cells = [cell.strip() for cell in rows[loss].strip("|").split("|")][2:]
+            assert [float(c) for c in cells] == pytest.approx([v for _, v in run[key]], abs=5e-4)
+
+
 def test_plots_exist(study_run):
     pytest.importorskip("matplotlib", reason="plots need matplotlib; the tables are written without it")
     _, out, _ = study_run
