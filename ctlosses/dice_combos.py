@@ -97,6 +97,15 @@ def cross_entropy_beside(input: torch.Tensor, encoded: EncodedTarget, reduction:
     return cross_entropy_term(logits, encoded, None, 0.0, reduction)
 
 
+def region_loss_and_log_likelihood(region, input: torch.Tensor, encoded: EncodedTarget):
+    """A softmax region loss (``DiceLoss``, ``GeneralizedDiceLoss``) finished from its statistics, and ``log p[target]``
+    ``(B, voxels)`` from the same log-softmax, for a cross-entropy beside it: one pass over the volume, not two."""
+    tp, fp, fn, log_at_target = softmax_overlap_stats_and_log_likelihood(
+        input, encoded, region.include_background, region.batch, region.squared_pred
+    )
+    return region.finish(region.per_class_loss(tp, fp, fn), input.ndim), log_at_target
+
+
 def check_lambda_ce(lambda_ce: float, reduction: str, own_term: str) -> float:
     """``lambda_ce`` >= 0; a cross-entropy beside a term computed per ``own_term`` cannot keep ``"none"``."""
     lambda_ce = check_range("lambda_ce", lambda_ce, 0.0)
@@ -214,11 +223,7 @@ class DiceCELoss(SegmentationLoss):
 
     def _dice_ce_from_one_log_softmax(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
         """The same loss as the two terms computed apart, with one log-softmax and one fused backward."""
-        dice = self.dice
-        tp, fp, fn, log_at_target = softmax_overlap_stats_and_log_likelihood(
-            input, encoded, dice.include_background, dice.batch, dice.squared_pred
-        )
-        dice_term = dice.finish(dice.per_class_loss(tp, fp, fn), input.ndim)
+        dice_term, log_at_target = region_loss_and_log_likelihood(self.dice, input, encoded)
         cross_entropy = index_cross_entropy_from_log_likelihood(
             log_at_target, encoded, self._ce_weight(input.shape[1], log_at_target), self.reduction
         )

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .core import EncodedTarget, LossInputError, RegionLoss, apply_class_weight
-from .dice_combos import check_lambda_ce, cross_entropy_beside
+from .core import EncodedTarget, LossInputError, RegionLoss, apply_class_weight, takes_fused_index_path
+from .dice_combos import (
+    check_lambda_ce,
+    cross_entropy_beside,
+    index_cross_entropy_from_log_likelihood,
+    region_loss_and_log_likelihood,
+)
 
 W_TYPES = ("square", "simple", "uniform")
 
@@ -128,7 +133,11 @@ class GeneralizedDiceLoss(RegionLoss):
         return super().finish(per_class, input_ndim, weight=None, **options)
 
     def compute(self, input: torch.Tensor, encoded: EncodedTarget) -> torch.Tensor:
-        ratio_loss = super().compute(input, encoded)
         if self.lambda_ce == 0:
-            return ratio_loss
-        return ratio_loss + self.lambda_ce * cross_entropy_beside(input, encoded, self.reduction)
+            return super().compute(input, encoded)
+        if self.softmax and not self.soft_label and input.shape[1] > 1 and takes_fused_index_path(encoded, "softmax"):
+            # both terms from one log-softmax, as DiceCELoss: no second full-size pass (and saved tensor) per volume
+            ratio_loss, log_at_target = region_loss_and_log_likelihood(self, input, encoded)
+            cross_entropy = index_cross_entropy_from_log_likelihood(log_at_target, encoded, None, self.reduction)
+            return ratio_loss + self.lambda_ce * cross_entropy
+        return super().compute(input, encoded) + self.lambda_ce * cross_entropy_beside(input, encoded, self.reduction)

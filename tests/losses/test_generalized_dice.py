@@ -168,3 +168,25 @@ def test_cross_entropy_beside_gradcheck_float64():
     logits.requires_grad_(True)
     loss = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, w_type="simple", batch=True, lambda_ce=1.0)
     assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits,))
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_cross_entropy_beside_from_one_log_softmax_equals_the_two_passes(batch, monkeypatch):
+    import ctlosses.generalized_dice as module
+
+    logits, labels = make_case(spatial=(7, 6, 5), seed=10)
+    labels[0, 0, 0] = SENTINEL
+    loss = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, batch=batch, ignore_index=SENTINEL, lambda_ce=0.8)
+    calls = []
+    shared = module.region_loss_and_log_likelihood
+    monkeypatch.setattr(module, "region_loss_and_log_likelihood", lambda *args: calls.append(1) or shared(*args))
+    one_pass = logits.clone().requires_grad_(True)
+    value = loss(one_pass, labels)
+    value.backward()
+    assert calls == [1]  # the index target with softmax takes the one-log-softmax path
+    monkeypatch.setattr(module, "takes_fused_index_path", lambda *args: False)  # the ratio and the CE apart
+    two_passes = logits.clone().requires_grad_(True)
+    expected = loss(two_passes, labels)
+    expected.backward()
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one_pass.grad, two_passes.grad, rtol=1e-10, atol=1e-12)
