@@ -41,6 +41,8 @@ SMALL_ORGANS = (
 )
 # validations per run when --val-points is not given: enough points for a curve, few enough to stay cheap
 DEFAULT_VAL_POINTS = 5
+# small-organ Dice levels whose iteration of first reaching curves.md lists per seed
+REACH_THRESHOLDS = (0.5, 0.6, 0.7)
 PLOTS = ("val_dice_curves.png", "organ_dice_heatmap.png", "small_organ_dice.png", "axial_slices.png")
 
 
@@ -269,8 +271,35 @@ def write_curve_table(out: Path, results: dict[str, list[dict]]) -> None:
             ]
             lines.append(f"| {loss} | {len(values)} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
-    note = "Mean over the seeds; an empty cell: not every seed of that loss validated at that iteration."
+    sections.append(_reach_section(results))
+    note = (
+        "Mean over the seeds; an empty cell: not every seed of that loss validated at that iteration. "
+        "Iterations until a Dice is first reached: one number per seed, in seed order; — : not reached."
+    )
     (out / "curves.md").write_text("# Validation against iterations\n\n" + "\n\n".join(sections) + "\n\n" + note + "\n")
+
+
+def first_reaching(curve: list, threshold: float) -> int | None:
+    """The first validated iteration of ``curve`` (``[iteration, Dice]`` pairs) at which Dice >= ``threshold``."""
+    return next((it for it, value in sorted(curve) if value >= threshold), None)
+
+
+def _reach_section(results: dict[str, list[dict]]) -> str:
+    """Per loss and seed, the iterations a run needed to reach each of ``REACH_THRESHOLDS`` in small-organ Dice:
+    the budget a user must give a loss, per seed so that a lucky seed does not hide a slow loss."""
+    lines = [
+        "### iterations until the validation small-organ Dice first reaches",
+        "",
+        "| loss | seeds | " + " | ".join(f">= {t}" for t in REACH_THRESHOLDS) + " |",
+        "|---|---:" + "|---:" * len(REACH_THRESHOLDS) + "|",
+    ]
+    for loss, runs in results.items():
+        cells = [
+            ", ".join(str(first_reaching(run.get("small_organ_curve") or [], t) or "—") for run in runs)
+            for t in REACH_THRESHOLDS
+        ]
+        lines.append(f"| {loss} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_commands(out: Path, argv: list[str], finished: tuple[int, int]) -> None:

@@ -86,7 +86,8 @@ def test_table_has_one_row_per_loss_and_a_column_per_organ(study_run):
 def test_curve_table_is_the_validation_curves(study_run):
     _, out, results = study_run
     text = (out / "curves.md").read_text()
-    mean_dice, small = text.split("### validation small-organ Dice")
+    _, mean_dice, small, _ = text.split("### ")
+    assert mean_dice.startswith("validation mean Dice") and small.startswith("validation small-organ Dice")
     for section, key in ((mean_dice, "curve"), (small, "small_organ_curve")):
         rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
         header = [cell.strip() for cell in rows["loss"].strip("|").split("|")][2:]
@@ -95,6 +96,30 @@ def test_curve_table_is_the_validation_curves(study_run):
             assert header == [str(it) for it, _ in run[key]]
             cells = [cell.strip() for cell in rows[loss].strip("|").split("|")][2:]
             assert [float(c) for c in cells] == pytest.approx([v for _, v in run[key]], abs=5e-4)
+
+
+def test_first_reaching_is_the_first_validation_at_or_above():
+    curve = [[300, 0.62], [100, 0.2], [200, 0.59], [400, 0.55], [500, 0.71]]  # unordered, and not monotone
+    assert study.first_reaching(curve, 0.6) == 300
+    assert study.first_reaching(curve, 0.59) == 200
+    assert study.first_reaching(curve, 0.71) == 500
+    assert study.first_reaching(curve, 0.72) is None
+    assert study.first_reaching([], 0.5) is None
+
+
+def test_curves_md_lists_per_seed_iterations_to_reach_each_level(tmp_path):
+    def run(points):
+        return {"curve": points, "small_organ_curve": points}
+
+    results = {
+        "fast": [run([[100, 0.55], [200, 0.72]]), run([[100, 0.61], [200, 0.65]])],
+        "slow": [run([[100, 0.1], [200, 0.5]])],
+    }
+    study.write_curve_table(tmp_path, results)
+    section = (tmp_path / "curves.md").read_text().split("### ")[3]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| loss | seeds | >= 0.5 | >= 0.6 | >= 0.7 |"
+    assert rows[1:] == ["| fast | 2 | 100, 100 | 200, 100 | 200, — |", "| slow | 1 | 200 | — | — |"]
 
 
 def test_plots_exist(study_run):
