@@ -271,10 +271,12 @@ def write_curve_table(out: Path, results: dict[str, list[dict]]) -> None:
             ]
             lines.append(f"| {loss} | {len(values)} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
-    sections.append(_reach_section(results))
+    if any(run.get("small_organ_curve") for runs in results.values() for run in runs):
+        sections.append(_reach_section(results))
     note = (
         "Mean over the seeds; an empty cell: not every seed of that loss validated at that iteration. "
-        "Iterations until a Dice is first reached: one number per seed, in seed order; — : not reached."
+        "Iterations until a Dice is first reached: one number per seed, in seed order; — : not reached; n/a: "
+        "a run without a recorded small-organ curve."
     )
     (out / "curves.md").write_text("# Validation against iterations\n\n" + "\n\n".join(sections) + "\n\n" + note + "\n")
 
@@ -282,6 +284,12 @@ def write_curve_table(out: Path, results: dict[str, list[dict]]) -> None:
 def first_reaching(curve: list, threshold: float) -> int | None:
     """The first validated iteration of ``curve`` (``[iteration, Dice]`` pairs) at which Dice >= ``threshold``."""
     return next((it for it, value in sorted(curve) if value >= threshold), None)
+
+
+def _reached(curve: list | None, threshold: float) -> str:
+    if not curve:
+        return "n/a"  # a run made before the runner recorded small-organ curves
+    return str(first_reaching(curve, threshold) or "—")
 
 
 def _reach_section(results: dict[str, list[dict]]) -> str:
@@ -294,10 +302,7 @@ def _reach_section(results: dict[str, list[dict]]) -> str:
         "|---|---:" + "|---:" * len(REACH_THRESHOLDS) + "|",
     ]
     for loss, runs in results.items():
-        cells = [
-            ", ".join(str(first_reaching(run.get("small_organ_curve") or [], t) or "—") for run in runs)
-            for t in REACH_THRESHOLDS
-        ]
+        cells = [", ".join(_reached(run.get("small_organ_curve"), t) for run in runs) for t in REACH_THRESHOLDS]
         lines.append(f"| {loss} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -114,12 +114,22 @@ def test_curves_md_lists_per_seed_iterations_to_reach_each_level(tmp_path):
     results = {
         "fast": [run([[100, 0.55], [200, 0.72]]), run([[100, 0.61], [200, 0.65]])],
         "slow": [run([[100, 0.1], [200, 0.5]])],
+        "old": [{"curve": [[100, 0.3]]}],  # a run from before small-organ curves were recorded
     }
     study.write_curve_table(tmp_path, results)
     section = (tmp_path / "curves.md").read_text().split("### ")[3]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     assert rows[0] == "| loss | seeds | >= 0.5 | >= 0.6 | >= 0.7 |"
-    assert rows[1:] == ["| fast | 2 | 100, 100 | 200, 100 | 200, — |", "| slow | 1 | 200 | — | — |"]
+    assert rows[1:] == [
+        "| fast | 2 | 100, 100 | 200, 100 | 200, — |",
+        "| slow | 1 | 200 | — | — |",
+        "| old | 1 | n/a | n/a | n/a |",
+    ]
+
+
+def test_curves_md_has_no_reach_table_without_small_organ_curves(tmp_path):
+    study.write_curve_table(tmp_path, {"old": [{"curve": [[100, 0.3]]}]})
+    assert "first reaches" not in (tmp_path / "curves.md").read_text()
 
 
 def test_plots_exist(study_run):
