@@ -271,13 +271,13 @@ def write_curve_table(out: Path, results: dict[str, list[dict]]) -> None:
             ]
             lines.append(f"| {loss} | {len(values)} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
+    note = "Mean over the seeds; an empty cell: not every seed of that loss validated at that iteration."
     if any(run.get("small_organ_curve") for runs in results.values() for run in runs):
         sections.append(_reach_section(results))
-    note = (
-        "Mean over the seeds; an empty cell: not every seed of that loss validated at that iteration. "
-        "Iterations until a Dice is first reached: one number per seed, in seed order; — : not reached; n/a: "
-        "a run without a recorded small-organ curve."
-    )
+        note += (
+            " Iterations until a Dice is first reached: one number per seed, in seed order; — : not reached; n/a: "
+            "a run without a recorded small-organ curve."
+        )
     (out / "curves.md").write_text("# Validation against iterations\n\n" + "\n\n".join(sections) + "\n\n" + note + "\n")
 
 
