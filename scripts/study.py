@@ -289,7 +289,8 @@ def first_reaching(curve: list, threshold: float) -> int | None:
 def _reached(curve: list | None, threshold: float) -> str:
     if not curve:
         return "n/a"  # a run made before the runner recorded small-organ curves
-    return str(first_reaching(curve, threshold) or "—")
+    reached = first_reaching(curve, threshold)
+    return "—" if reached is None else str(reached)
 
 
 def _reach_section(results: dict[str, list[dict]]) -> str:
